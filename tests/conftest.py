@@ -1,0 +1,31 @@
+"""Shared test set-up: offline by construction, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Set before any Hugging Face import: tests must never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.pop("FASHIONSHOOT_ALLOW_DOWNLOAD", None)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Folders of tiny random models in their real on-disk formats, written once per test session."""
+    from fashionshoot import testing
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {
+        "sd": testing.save_tiny_stable_diffusion(root / "sd"),
+        "sd_inpaint": testing.save_tiny_stable_diffusion(root / "sd_inpaint", inpainting=True),
+        "clip": testing.save_tiny_clip(root / "clip"),
+        "siglip2": testing.save_tiny_siglip2(root / "siglip2"),
+        "open_clip": testing.save_tiny_open_clip(root / "open_clip"),
+    }
