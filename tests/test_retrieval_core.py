@@ -1,0 +1,99 @@
+"""Encoders, exact chunked top-k search and score fusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from fashionshoot.errors import DataError
+from fashionshoot.retrieval.encoders import Encoder, OpenClipEncoder, TransformersEncoder
+from fashionshoot.retrieval.fusion import fuse_scores, ranks
+from fashionshoot.retrieval.index import ExactIndex
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 1000])
+def test_exact_index_equals_brute_force(chunk_size):
+    gallery, queries = _unit(300, 16, 0), _unit(25, 16, 1)
+    index = ExactIndex(gallery, chunk_size=chunk_size, storage_dtype=torch.float32)
+    result = index.search(queries, k=10, query_chunk=8)
+    expected_scores, expected_idx = (queries @ gallery.T).topk(10, dim=1)
+    assert torch.equal(result.indices, expected_idx)
+    torch.testing.assert_close(result.scores, expected_scores)
+
+
+def test_fp16_storage_keeps_the_ranking_of_well_separated_items():
+    gallery = _unit(200, 32, 2)
+    queries = gallery[:50] + 0.01 * _unit(50, 32, 3)
+    result = ExactIndex(gallery, chunk_size=33).search(queries, k=1)
+    assert torch.equal(result.indices[:, 0], torch.arange(50))
+
+
+def test_k_larger_than_gallery_is_capped_and_dims_are_checked(tmp_path):
+    index = ExactIndex(_unit(5, 8, 4), chunk_size=2)
+    assert index.search(_unit(3, 8, 5), k=50).indices.shape == (3, 5)
+    with pytest.raises(DataError, match=r"shape \(N, 8\)"):
+        index.search(_unit(3, 9, 5), k=2)
+    with pytest.raises(DataError, match="non-empty"):
+        ExactIndex(torch.empty(0, 8))
+    path = index.save(tmp_path / "gallery.safetensors")
+    reloaded = ExactIndex.load(path)
+    assert reloaded.chunk_size == 2 and torch.equal(reloaded.embeddings, index.embeddings)
+
+
+def test_zscore_and_minmax_fusion_ignore_each_members_scale():
+    a = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    b = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
+    for method in ("zscore", "minmax", "rrf"):
+        base = fuse_scores({"a": a, "b": b}, method)
+        rescaled = fuse_scores({"a": 100 * a - 3, "b": 0.01 * b + 7}, method)
+        torch.testing.assert_close(base, rescaled, rtol=1e-3, atol=1e-4)
+    raw = fuse_scores({"a": 100 * a, "b": b}, "weighted")
+    assert torch.equal(raw.argmax(1), a.argmax(1)), "unnormalised fusion is dominated by the larger scale"
+
+
+def test_rrf_matches_the_formula_and_weights_shift_the_result():
+    a = torch.tensor([[0.9, 0.5, 0.1]])
+    b = torch.tensor([[0.1, 0.2, 0.3]])
+    assert ranks(a).tolist() == [[1, 2, 3]] and ranks(b).tolist() == [[3, 2, 1]]
+    fused = fuse_scores({"a": a, "b": b}, "rrf", rrf_k=60)
+    expected = torch.tensor([[1 / 61 + 1 / 63, 2 / 62, 1 / 63 + 1 / 61]]) / 2
+    torch.testing.assert_close(fused, expected)
+    assert fuse_scores({"a": a, "b": b}, "zscore", weights={"a": 3.0}).argmax().item() == 0
+    assert fuse_scores({"a": a, "b": b}, "zscore", weights={"b": 3.0}).argmax().item() == 2
+
+
+def test_fusion_rejects_mismatched_members():
+    with pytest.raises(DataError, match="same"):
+        fuse_scores({"a": torch.zeros(2, 3), "b": torch.zeros(2, 4)})
+    with pytest.raises(DataError, match="unknown member"):
+        fuse_scores({"a": torch.zeros(2, 3)}, weights={"c": 1.0})
+    with pytest.raises(DataError, match="no member"):
+        fuse_scores({})
+
+
+def _images() -> list[Image.Image]:
+    return [Image.new("RGB", (40 + 3 * i, 30), (40 * i, 255 - 30 * i, 90)) for i in range(5)]
+
+
+@pytest.mark.parametrize("backend", ["siglip2", "clip", "open_clip"])
+def test_encoders_give_unit_vectors_independent_of_batching(tiny_models, backend):
+    if backend == "open_clip":
+        make = lambda bs: OpenClipEncoder(tiny_models[backend], batch_size=bs)  # noqa: E731
+    else:
+        make = lambda bs: TransformersEncoder(tiny_models[backend], batch_size=bs)  # noqa: E731
+    one, many = make(1), make(64)
+    assert isinstance(one, Encoder)
+    images, texts = _images(), ["a red dress", "navy striped top", "black trousers"]
+    emb = many.embed_images(images)
+    assert emb.shape == (5, 32) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(one.embed_images(images), emb, atol=1e-5, rtol=1e-4)
+    text = many.embed_texts(texts)
+    torch.testing.assert_close(one.embed_texts(texts), text, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(text[0], text[1])
