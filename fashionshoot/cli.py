@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "generate the synthetic garment-lookbook set, shard it and read it back"),
     "build-pairs": ("fashionshoot.retrieval.cli", "build_pairs_main",
                     "mine tiered garment-lookbook pairs with the retrieval ensemble"),
+    "generate": ("fashionshoot.pipelines.cli", "generate_main",
+                 "generate photo-shoot images from garment images, keypoints and a prompt"),
 }
 
 

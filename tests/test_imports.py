@@ -24,6 +24,11 @@ LIGHT_MODULES = (
     "fashionshoot.retrieval.index",
     "fashionshoot.retrieval.fusion",
     "fashionshoot.metrics",
+    "fashionshoot.models",
+    "fashionshoot.models.outfit",
+    "fashionshoot.models.guidance",
+    "fashionshoot.pipelines",
+    "fashionshoot.pipelines.cli",
 )
 
 

@@ -1,0 +1,61 @@
+"""Garment images -> garment tokens: image-encoder features, then a learned per-slot projector.
+
+The image encoder (CLIP or SigLIP vision tower) is frozen and shared with retrieval; what is trained
+is :class:`GarmentProjector`, which pools each slot's patch tokens into ``num_tokens`` tokens of the
+UNet's cross-attention width and adds the slot's embedding, so the UNet knows a shoe from a top.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def encode_garment_pixels(image_encoder: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
+    """``(N, 3, H, W)`` preprocessed garments -> ``(N, tokens, hidden)`` features of one encoder layer.
+
+    The penultimate layer (``-2``) is IP-Adapter-plus's choice: spatially detailed patch tokens
+    before the final layer specialises them for the contrastive objective. Works for
+    ``CLIPVisionModel(WithProjection)`` and ``SiglipVisionModel``.
+    """
+    output = image_encoder(pixel_values=pixel_values, output_hidden_states=True)
+    return output.hidden_states[feature_layer]
+
+
+def scatter_slots(features: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+    """Place features of the ``N`` present garments into a zero ``(B, S, ...)`` grid at ``slot_mask``.
+
+    Only present garments are encoded; empty slots stay zero and are masked out later anyway.
+    """
+    grid = features.new_zeros(*slot_mask.shape, *features.shape[1:])
+    grid[slot_mask] = features
+    return grid
+
+
+class GarmentProjector(ModelMixin, ConfigMixin):
+    """Per-slot attention pooling of image-encoder tokens into garment tokens, plus slot embeddings.
+
+    ``forward(features)`` maps ``(B, S, L, image_embed_dim)`` to ``(B, S * num_tokens, token_dim)``,
+    slot-major, so token ``s * num_tokens + j`` belongs to slot ``s``.
+    """
+
+    @register_to_config
+    def __init__(self, image_embed_dim: int, token_dim: int, num_tokens: int = 4, num_heads: int = 4,
+                 num_slots: int = 6) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(image_embed_dim, token_dim)
+        self.queries = nn.Parameter(torch.randn(num_tokens, token_dim) * token_dim**-0.5)
+        self.pool = nn.MultiheadAttention(token_dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(token_dim)
+        self.slot_embedding = nn.Embedding(num_slots, token_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, slots, length, _ = features.shape
+        tokens = self.proj_in(features.reshape(batch * slots, length, -1))
+        queries = self.queries.expand(batch * slots, -1, -1)
+        pooled, _ = self.pool(queries, tokens, tokens, need_weights=False)
+        pooled = self.norm(pooled).view(batch, slots, self.config.num_tokens, -1)
+        pooled = pooled + self.slot_embedding.weight[:slots, None, :]
+        return pooled.reshape(batch, slots * self.config.num_tokens, -1)

@@ -1,0 +1,81 @@
+"""Pose conditioning: COCO-18 heatmaps as extra, zero-initialised UNet input channels.
+
+Fashion-RAG / MGD recipe: the UNet's ``conv_in`` grows by 18 channels (one Gaussian heatmap per
+COCO-18 joint) whose weights start at zero, so the pretrained model's output is unchanged until
+training moves them. The new width is written into the UNet config, so ``save_pretrained`` /
+``from_pretrained`` rebuild the wider ``conv_in`` without any custom loading code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fashionshoot.data.pose import COCO18, POSE_FORMATS, as_keypoints, convert_keypoints, keypoint_heatmaps
+from fashionshoot.errors import DataError
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+#: Pose channels the models use: one heatmap per COCO-18 joint.
+POSE_CHANNELS = COCO18.num_joints
+_FORMAT_BY_JOINTS = {fmt.num_joints: fmt.name for fmt in POSE_FORMATS.values()}
+
+
+def expand_conv_in(unet: UNet2DConditionModel, extra_channels: int = POSE_CHANNELS) -> UNet2DConditionModel:
+    """Append ``extra_channels`` zero-initialised input channels to ``unet.conv_in`` (in place).
+
+    Existing weights and bias are copied, so channel order is ``[original inputs, new inputs]``
+    (e.g. ``[latents, pose]`` or ``[latents, mask, masked latents, pose]`` for inpainting UNets).
+    """
+    old = unet.conv_in
+    new = nn.Conv2d(
+        old.in_channels + extra_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
+        padding=old.padding, device=old.weight.device, dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+    return unet
+
+
+def to_coco18(keypoints: object, where: str = "<keypoints>") -> np.ndarray:
+    """Validate keypoints and convert them to COCO-18, choosing the source format by joint count.
+
+    18 joints are COCO-18, 16 are MPII-16 and 25 are OpenPose BODY_25; any other shape is a
+    :class:`~fashionshoot.errors.DataError` that names the accepted layouts.
+    """
+    kp = as_keypoints(keypoints, where=where)
+    fmt = _FORMAT_BY_JOINTS.get(len(kp))
+    if fmt is None:
+        accepted = ", ".join(f"{n} ({name})" for n, name in sorted(_FORMAT_BY_JOINTS.items()))
+        raise DataError(f"{where}: got {len(kp)} keypoints; accepted joint counts: {accepted}")
+    return convert_keypoints(kp, fmt, COCO18.name)
+
+
+def pose_maps(
+    keypoints: Sequence[object | None],
+    image_size: tuple[int, int],
+    latent_size: tuple[int, int],
+    sigma: float | None = None,
+) -> torch.Tensor:
+    """``(B, 18, h, w)`` pose input for a batch of keypoint arrays in image pixels (``None``: no pose).
+
+    Heatmaps are drawn at ``image_size`` ``(height, width)`` then bilinearly resized to
+    ``latent_size``, as Fashion-RAG does. Joints outside the image are kept, not clamped: only their
+    Gaussian tail (usually nothing) reaches the frame, which is what a crop that cut them off shows.
+    """
+    maps = [
+        keypoint_heatmaps(to_coco18(kp, where=f"keypoints[{i}]"), image_size, sigma)
+        if kp is not None else torch.zeros(POSE_CHANNELS, *image_size)
+        for i, kp in enumerate(keypoints)
+    ]
+    return F.interpolate(torch.stack(maps), size=latent_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,85 @@
+"""Pose channels: zero-initialised conv_in expansion that round-trips, and keypoint -> heatmap input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from fashionshoot import testing
+from fashionshoot.data.pose import convert_keypoints
+from fashionshoot.errors import DataError
+from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in, pose_maps, to_coco18
+from fashionshoot.weights import load_pretrained
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with several, OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _keypoints(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(4, 28, size=(n, 2)).astype(np.float32)
+
+
+def _predict(unet, latents, pose, ehs):
+    return unet(torch.cat([latents, pose], dim=1), 10, ehs).sample
+
+
+@pytest.mark.parametrize("inpainting", [False, True])
+def test_zero_initialised_pose_channels_leave_output_unchanged_then_matter(inpainting, tmp_path):
+    torch.manual_seed(0)
+    base_channels = 9 if inpainting else 4
+    unet = testing.tiny_unet(in_channels=base_channels)
+    latents, ehs = torch.randn(1, base_channels, 16, 16), torch.randn(1, 77, 32)
+    base = unet(latents, 10, ehs).sample
+    expand_conv_in(unet)
+    assert unet.config.in_channels == base_channels + POSE_CHANNELS
+    pose = pose_maps([_keypoints(18)], (32, 32), (16, 16))
+    assert torch.equal(_predict(unet, latents, pose, ehs), base)
+
+    with torch.no_grad():
+        unet.conv_in.weight[:, base_channels:].normal_(std=0.1)
+    posed = _predict(unet, latents, pose, ehs)
+    assert not torch.allclose(posed, base)
+    unet.save_pretrained(tmp_path)
+    loaded = load_pretrained(UNet2DConditionModel, tmp_path)
+    assert loaded.config.in_channels == base_channels + POSE_CHANNELS
+    assert torch.equal(_predict(loaded, latents, pose, ehs), posed)
+
+
+def test_pose_maps_shape_and_missing_pose():
+    maps = pose_maps([_keypoints(18), None], (64, 48), (8, 6))
+    assert maps.shape == (2, POSE_CHANNELS, 8, 6)
+    assert maps[0].amax() > 0.2 and maps[1].abs().sum() == 0
+
+
+def test_mpii16_is_converted_to_coco18():
+    mpii = _keypoints(16)
+    direct = pose_maps([mpii], (32, 32), (16, 16))
+    converted = pose_maps([convert_keypoints(np.c_[mpii, np.ones(16)], "mpii16", "coco18")], (32, 32), (16, 16))
+    assert torch.equal(direct, converted)
+    assert to_coco18(mpii).shape == (18, 3)
+
+
+def test_keypoints_outside_the_image_are_not_an_error():
+    kp = _keypoints(18)
+    kp[:5] = [[-500, 10], [1e6, 1e6], [40, -3], [-1, -1], [33, 33]]
+    maps = pose_maps([kp], (32, 32), (16, 16))
+    assert torch.isfinite(maps).all()
+    assert maps[0, 1].abs().max() == 0  # far away: nothing reaches the frame
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((18, 5)), "shape"),
+    (np.zeros((17, 2)), "accepted joint counts"),
+    ("not keypoints", "not numeric"),
+])
+def test_wrong_keypoint_shapes_raise_clear_errors(bad, message):
+    with pytest.raises(DataError, match=message):
+        pose_maps([bad], (32, 32), (16, 16))

@@ -1,0 +1,177 @@
+"""PhotoshootPipeline end to end on a tiny random pipeline folder, loaded through fashionshoot.weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from PIL import Image
+
+from fashionshoot.data.pose import convert_keypoints
+from fashionshoot.errors import DataError, MissingWeightsError
+from fashionshoot.pipelines.cli import generate_main
+from fashionshoot.pipelines.photoshoot import PhotoshootPipeline, load_photoshoot_pipeline
+from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+
+STEPS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; with several, OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_photoshoot_pipeline(tmp_path_factory.mktemp("photoshoot"), conditioning="both")
+
+
+@pytest.fixture(scope="module")
+def pipe(folder) -> PhotoshootPipeline:
+    pipe = load_photoshoot_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 30, 3), dtype=np.uint8))
+
+
+def _pose(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(2, 30, size=(18, 2)).astype(np.float32)
+
+
+def _run(pipe, garments=None, keypoints=None, seed=0, **kwargs) -> np.ndarray:
+    kwargs = {"prompt": "a rooftop at dusk", "num_inference_steps": STEPS, "output_type": "np", **kwargs}
+    generator = kwargs.pop("generator", torch.Generator().manual_seed(seed))
+    keypoints = _pose() if keypoints is None else keypoints
+    return pipe(garments=garments, keypoints=keypoints, generator=generator, **kwargs).images
+
+
+TOP, BOTTOM, BAG = _image(1), _image(2), _image(3)
+
+
+def test_pipeline_round_trips_exactly(pipe, tmp_path):
+    out = _run(pipe, {"top": TOP, "bottom": BOTTOM})
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+    pipe.save_pretrained(tmp_path)
+    reloaded = load_photoshoot_pipeline(tmp_path)
+    reloaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(_run(reloaded, {"top": TOP, "bottom": BOTTOM}), out)
+
+
+def test_slot_order_is_fixed_and_empty_slots_are_ignored(pipe):
+    out = _run(pipe, {"bottom": BOTTOM, "top": TOP})
+    np.testing.assert_array_equal(_run(pipe, {"top": TOP, "bottom": BOTTOM, "bag": None}), out)
+    np.testing.assert_array_equal(_run(pipe, [TOP, None, BOTTOM]), out)
+    assert not np.allclose(_run(pipe, {"top": BOTTOM, "bottom": TOP}), out, atol=1e-3)
+    assert not np.allclose(_run(pipe, {"top": TOP, "bottom": BOTTOM, "bag": BAG}), out, atol=1e-3)
+    np.testing.assert_array_equal(_run(pipe, None), _run(pipe, {}))  # text + pose only
+
+
+def test_guidance_scales_matter_and_unit_scales_run_one_branch(pipe):
+    garments = {"top": TOP}
+    unit = _run(pipe, garments, guidance_scale_text=1.0, guidance_scale_garment=1.0)
+    assert not np.allclose(_run(pipe, garments, guidance_scale_text=5.0, guidance_scale_garment=1.0), unit, atol=1e-3)
+    assert not np.allclose(_run(pipe, garments, guidance_scale_text=1.0, guidance_scale_garment=5.0), unit, atol=1e-3)
+
+
+def test_batches_are_reproducible_per_sample_generator(pipe):
+    outfits = [{"top": TOP}, {"bottom": BOTTOM, "bag": BAG}]
+    poses = [_pose(0), _pose(1)]
+    batch = _run(pipe, outfits, poses, generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    assert batch.shape[0] == 2
+    np.testing.assert_allclose(batch[1], _run(pipe, outfits[1], poses[1], seed=8)[0], atol=1e-5)
+    np.testing.assert_array_equal(_run(pipe, outfits, poses, seed=3), _run(pipe, outfits, poses, seed=3))
+
+    images = _run(pipe, {"top": TOP}, num_images_per_prompt=2)
+    assert images.shape[0] == 2 and not np.allclose(images[0], images[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_schedulers_are_swappable(pipe, scheduler_cls):
+    original = pipe.scheduler
+    pipe.scheduler = scheduler_cls.from_config(original.config)
+    try:
+        out = _run(pipe, {"top": TOP}, num_inference_steps=3)
+        assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+        np.testing.assert_array_equal(_run(pipe, {"top": TOP}, num_inference_steps=3), out)
+    finally:
+        pipe.scheduler = original
+
+
+def test_pose_transfer_and_outfit_transfer_share_noise(pipe):
+    posed = pipe.pose_transfer({"top": TOP}, [_pose(0), _pose(0), _pose(5)], num_inference_steps=STEPS,
+                               generator=torch.Generator().manual_seed(0), output_type="np").images
+    np.testing.assert_allclose(posed[0], posed[1], atol=1e-5)
+    assert not np.allclose(posed[0], posed[2], atol=1e-3)
+
+    swapped = pipe.outfit_transfer({"top": TOP, "bottom": BOTTOM}, [{}, {}, {"bottom": BAG}], keypoints=_pose(),
+                                   num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                                   output_type="np").images
+    np.testing.assert_allclose(swapped[0], swapped[1], atol=1e-5)
+    assert not np.allclose(swapped[0], swapped[2], atol=1e-3)
+
+
+def test_mpii16_keypoints_and_keypoints_outside_the_image(pipe):
+    mpii = np.random.default_rng(4).uniform(2, 30, size=(16, 3)).astype(np.float32)
+    mpii[:, 2] = 1
+    np.testing.assert_array_equal(_run(pipe, {"top": TOP}, mpii),
+                                  _run(pipe, {"top": TOP}, convert_keypoints(mpii, "mpii16", "coco18")))
+    far = _pose()
+    far[:4] = [[-100, 5], [500, 500], [5, -40], [1e5, 3]]
+    assert np.isfinite(_run(pipe, {"top": TOP}, far)).all()
+
+
+def test_bad_inputs_raise_clear_errors(pipe):
+    with pytest.raises(DataError, match=r"'hat'.*top, outerwear, bottom, dress, shoes, bag"):
+        _run(pipe, {"hat": TOP})
+    with pytest.raises(DataError, match="slot 'shoes'.*PIL"):
+        _run(pipe, {"top": TOP, "shoes": "shoes.jpg"})
+    with pytest.raises(DataError, match="accepted joint counts"):
+        _run(pipe, {"top": TOP}, np.zeros((17, 3)))
+    with pytest.raises(DataError, match="shape"):
+        _run(pipe, {"top": TOP}, np.zeros((18, 6)))
+    with pytest.raises(DataError, match="disagree"):
+        _run(pipe, [{"top": TOP}, {"top": BAG}], prompt=["a", "b", "c"])
+
+
+def test_textual_inversion_token_as_negative_prompt(folder):
+    pipe = load_photoshoot_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    plain = _run(pipe, {"top": TOP}, negative_prompt="")
+    pipe.load_textual_inversion({"<rendered>": torch.randn(2, 32)}, token="<rendered>")
+    assert not np.allclose(_run(pipe, {"top": TOP}, negative_prompt="<rendered>"), plain, atol=1e-3)
+
+
+def test_folder_without_adapter_is_a_missing_weights_error(folder, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken, ignore=shutil.ignore_patterns("garment_adapter"))
+    with pytest.raises(MissingWeightsError, match="garment_adapter"):
+        load_photoshoot_pipeline(broken)
+    (broken / "garment_adapter").mkdir()
+    shutil.copy(folder / "garment_adapter" / "config.json", broken / "garment_adapter")
+    with pytest.raises(MissingWeightsError, match="GarmentAdapter|garment_adapter"):
+        load_photoshoot_pipeline(broken)
+
+
+def test_generate_cli_writes_pngs(folder, tmp_path):
+    (tmp_path / "top.png").parent.mkdir(exist_ok=True)
+    TOP.save(tmp_path / "top.png")
+    (tmp_path / "pose.json").write_text(json.dumps({"keypoints": (_pose() * 2).tolist(), "size": [64, 64]}))
+    argv = [f"pipeline={folder}", f"garments.top={tmp_path / 'top.png'}", f"keypoints={tmp_path / 'pose.json'}",
+            "prompt=a beach", "steps=2", "num_images=2", "scheduler=euler", f"out_dir={tmp_path / 'out'}"]
+    assert generate_main(argv) == 0
+    written = sorted((tmp_path / "out").glob("*.png"))
+    assert len(written) == 2 and Image.open(written[0]).size == (32, 32)
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert generate_main([f"pipeline={folder}", f"garments.hat={tmp_path / 'top.png'}",
+                          f"out_dir={tmp_path / 'bad'}"]) == 1
