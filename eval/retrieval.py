@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fashionshoot.config import config_from_argv, save_config
-from fashionshoot.retrieval.build import MemberConfig, build_members
+from fashionshoot.retrieval.ensemble import RetrievalEnsemble
 from fashionshoot.retrieval.evaluation import (
     RAG_KS,
-    EncoderScorer,
     RetrievalTask,
     deepfashion2_task,
     dresscode_task,
@@ -30,6 +29,7 @@ from fashionshoot.retrieval.evaluation import (
     synthetic_text_task,
 )
 from fashionshoot.retrieval.fusion import FusionMethod
+from fashionshoot.retrieval.members import MemberConfig, build_members
 
 
 @dataclass
@@ -59,8 +59,8 @@ def default_members(root: Path) -> list[MemberConfig]:
         testing.save_tiny_siglip2(siglip)
     if not (clip / "config.json").is_file():
         testing.save_tiny_clip(clip)
-    return [MemberConfig("tiny-siglip2", "transformers", str(siglip)), MemberConfig("tiny-clip", "transformers", str(clip)),
-            MemberConfig("histogram", "histogram", "")]
+    return [MemberConfig("tiny-siglip2", "siglip2", str(siglip)), MemberConfig("tiny-clip", "clip", str(clip)),
+            MemberConfig("histogram", "histogram")]
 
 
 def tasks(config: EvalRetrievalConfig, out: Path) -> list[RetrievalTask]:
@@ -91,8 +91,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config.members = config.members or default_members(out / "models")
     members = config.members
-    scorer = EncoderScorer(build_members(members, config.device), config.fusion,
-                           {m.name: m.weight for m in members})
+    scorer = RetrievalEnsemble(build_members(members, config.device), config.fusion,
+                               {m.name: m.weight for m in members})
     results, protocols = {}, {}
     for task in tasks(config, out):
         ks = sorted(set(config.ks) | (set(RAG_KS) if task.text_queries else set()))

@@ -24,7 +24,7 @@ from fashionshoot.retrieval.build import (
     calibrate,
 )
 from fashionshoot.retrieval.detect import Detection
-from fashionshoot.retrieval.testing_detect import HistogramEncoder
+from fashionshoot.retrieval.encoders import HistogramEncoder
 
 NUM_GARMENTS = 30
 

@@ -30,8 +30,36 @@ def test_exact_index_equals_brute_force(chunk_size):
 def test_fp16_storage_keeps_the_ranking_of_well_separated_items():
     gallery = _unit(200, 32, 2)
     queries = gallery[:50] + 0.01 * _unit(50, 32, 3)
-    result = ExactIndex(gallery, chunk_size=33).search(queries, k=1)
+    index = ExactIndex(gallery, chunk_size=33, storage_dtype=torch.float16)
+    assert index.embeddings.dtype == torch.float16 and ExactIndex(gallery).embeddings.dtype == torch.float32
+    result = index.search(queries, k=1)
     assert torch.equal(result.indices[:, 0], torch.arange(50))
+
+
+@pytest.mark.parametrize(("size", "chunk_size", "group", "k"), [(5000, 512, 4, 5), (4099, 1000, 8, 1), (3000, 700, 3, 7)])
+def test_thresholded_scan_equals_brute_force(size, chunk_size, group, k):
+    # Chunks much larger than k * group take the grouped, thresholded path after the first chunk;
+    # sizes not divisible by the chunk or the group exercise the ragged tails.
+    gallery, queries = _unit(size, 16, 6), _unit(40, 16, 7)
+    for storage in (torch.float32, torch.float16):
+        index = ExactIndex(gallery, chunk_size=chunk_size, storage_dtype=storage, group=group)
+        result = index.search(queries, k=k, query_chunk=16)
+        expected_scores, expected_idx = (queries @ index.embeddings.float().T).topk(k, dim=1)
+        assert torch.equal(result.indices, expected_idx)
+        torch.testing.assert_close(result.scores, expected_scores)
+
+
+def test_exact_index_agrees_with_faiss():
+    pytest.importorskip("faiss")
+    from fashionshoot.retrieval.index import FaissIndex
+
+    gallery, queries = _unit(20000, 32, 8), _unit(64, 32, 9)
+    exact = ExactIndex(gallery, chunk_size=2048).search(queries, k=10)
+    flat = FaissIndex(gallery)
+    assert len(flat) == 20000 and flat.dim == 32
+    reference = flat.search(queries, k=10)
+    assert torch.equal(exact.indices, reference.indices.long())
+    torch.testing.assert_close(exact.scores, reference.scores, atol=1e-5, rtol=1e-5)
 
 
 def test_k_larger_than_gallery_is_capped_and_dims_are_checked(tmp_path):

@@ -17,7 +17,8 @@ from fashionshoot.retrieval.detect import (
     pool_views,
     view_boxes,
 )
-from fashionshoot.retrieval.testing_detect import HistogramEncoder, save_tiny_owlv2
+from fashionshoot.retrieval.encoders import HistogramEncoder
+from fashionshoot.retrieval.testing_detect import save_tiny_owlv2
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from fashionshoot.errors import DataError
+from fashionshoot.retrieval.encoders import HistogramEncoder
+from fashionshoot.retrieval.ensemble import RetrievalEnsemble
 from fashionshoot.retrieval.evaluation import (
-    EncoderScorer,
     RetrievalTask,
     evaluate,
     markdown_table,
     precision_at_k,
     recall_at_k,
 )
-from fashionshoot.retrieval.testing_detect import HistogramEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_evaluate_reports_every_member_and_the_fusion():
     gallery = [Image.new("RGB", (16, 16), c) for c in colours]
     queries = [Image.new("RGB", (24, 20), c) for c in colours[::-1]]
     positives = torch.eye(3, dtype=torch.bool).flip(0)
-    scorer = EncoderScorer({"h4": HistogramEncoder("h4", bins=4), "h8": HistogramEncoder("h8", bins=8)})
+    scorer = RetrievalEnsemble({"h4": HistogramEncoder("h4", bins=4), "h8": HistogramEncoder("h8", bins=8)})
     result = evaluate(scorer, RetrievalTask("toy", queries, gallery, positives), ks=(1, 2))
     assert set(result) == {"h4", "h8", "fused"} and result["fused"]["R@1"] == 1.0
     text = evaluate(scorer, RetrievalTask("text", ["a red dress", "a navy coat"], gallery[:2],

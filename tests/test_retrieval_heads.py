@@ -16,14 +16,7 @@ from PIL import Image
 from fashionshoot.config import load_config, to_dict
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.retrieval import hyperbolic
-from fashionshoot.retrieval.ensemble import (
-    BackboneFeatures,
-    EnsembleConfig,
-    HeadEncoder,
-    MemberConfig,
-    RetrievalEnsemble,
-    chunked_topk,
-)
+from fashionshoot.retrieval.ensemble import EnsembleConfig, RetrievalEnsemble, chunked_topk
 from fashionshoot.retrieval.fusion import fuse_scores
 from fashionshoot.retrieval.heads import (
     HeadConfig,
@@ -34,6 +27,7 @@ from fashionshoot.retrieval.heads import (
     proxy_nca_loss,
     supervised_contrastive_loss,
 )
+from fashionshoot.retrieval.members import BackboneFeatures, HeadEncoder, MemberConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +160,7 @@ def _images(n: int) -> list[Image.Image]:
 
 @pytest.mark.parametrize("backend", ["siglip2", "clip", "open_clip"])
 def test_token_features_and_head_encoder(tiny_models: dict[str, Path], backend: str) -> None:
-    from fashionshoot.retrieval.ensemble import build_backbone
+    from fashionshoot.retrieval.members import build_backbone
 
     encoder = build_backbone(backend, str(tiny_models[backend]))
     tokens = BackboneFeatures(encoder, "tokens")(_images(3))
@@ -184,7 +178,7 @@ def test_token_features_and_head_encoder(tiny_models: dict[str, Path], backend: 
 
 
 def test_token_features_need_a_model_backbone() -> None:
-    from fashionshoot.retrieval.testing_detect import HistogramEncoder
+    from fashionshoot.retrieval.encoders import HistogramEncoder
 
     with pytest.raises(ConfigError, match="tokens"):
         BackboneFeatures(HistogramEncoder(), "tokens")
@@ -265,7 +259,7 @@ def test_chunked_topk_matches_full_topk() -> None:
 
 def test_ensemble_from_config_with_saved_heads_shares_the_backbone(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     path = str(tiny_models["siglip2"])
-    from fashionshoot.retrieval.ensemble import build_backbone
+    from fashionshoot.retrieval.members import build_backbone
 
     dim = BackboneFeatures(build_backbone("siglip2", path), "tokens")(_images(1)).shape[1]
     for kind in ("proxynca", "hyperbolic"):

@@ -67,6 +67,7 @@ from fashionshoot.retrieval.detect import (
 )
 from fashionshoot.retrieval.encoders import Encoder
 from fashionshoot.retrieval.fusion import FusionMethod, fuse_scores
+from fashionshoot.retrieval.members import MemberConfig, build_members, similarity
 
 #: The synthetic set's taxonomy is the default: a coarse one that most catalogues map onto.
 DEFAULT_CATEGORIES: tuple[str, ...] = SYNTHETIC_CATEGORIES
@@ -75,17 +76,6 @@ DEFAULT_CATEGORIES: tuple[str, ...] = SYNTHETIC_CATEGORIES
 # --------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MemberConfig:
-    """One retrieval member: a transformers dual encoder (SigLIP2, CLIP), an OpenCLIP folder, or the
-    training-free colour-histogram baseline (``histogram``, ``path`` unused)."""
-
-    name: str = "siglip2"
-    backend: Literal["transformers", "open_clip", "histogram"] = "transformers"
-    path: str = "google/siglip2-base-patch16-224"
-    weight: float = 1.0
 
 
 @dataclass
@@ -168,7 +158,8 @@ class BuildConfig:
     out_dir: str = "runs/build_pairs"
     work_dir: str = ""
     categories: list[str] = field(default_factory=lambda: list(DEFAULT_CATEGORIES))
-    members: list[MemberConfig] = field(default_factory=lambda: [MemberConfig()])
+    members: list[MemberConfig] = field(default_factory=lambda: [
+        MemberConfig(name="siglip2", backend="siglip2", path="google/siglip2-base-patch16-224")])
     fusion: FusionMethod = "zscore"
     detect: DetectConfig = field(default_factory=DetectConfig)
     categorize: CategorizeConfig = field(default_factory=CategorizeConfig)
@@ -210,24 +201,6 @@ class ProcessState(Protocol):
     def wait_for_everyone(self) -> None: ...
 
 
-def build_members(member_configs: Sequence[MemberConfig], device: str = "cpu",
-                  batch_size: int = 32) -> dict[str, Encoder]:
-    """Encoders for the configured members, loaded through :mod:`fashionshoot.weights`."""
-    from fashionshoot.retrieval.encoders import OpenClipEncoder, TransformersEncoder
-    from fashionshoot.retrieval.testing_detect import HistogramEncoder
-
-    members: dict[str, Encoder] = {}
-    for m in member_configs:
-        if m.name in members:
-            raise ConfigError(f"members: name {m.name!r} used twice")
-        if m.backend == "histogram":
-            members[m.name] = HistogramEncoder(m.name)
-            continue
-        cls = TransformersEncoder if m.backend == "transformers" else OpenClipEncoder
-        members[m.name] = cls(m.path, device=device, batch_size=batch_size, name=m.name)
-    return members
-
-
 def build_detector(config: DetectConfig, device: str) -> Detector | None:
     if config.backend == "none":
         return None
@@ -235,16 +208,6 @@ def build_detector(config: DetectConfig, device: str) -> Detector | None:
 
     return TransformersDetector(config.path, threshold=config.threshold, text_threshold=config.text_threshold,
                                 nms_iou=config.nms_iou, device=device, batch_size=config.batch_size)
-
-
-def similarity(encoder: Encoder, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-    """``(Q, G)`` similarities: the encoder's own ``similarity`` (e.g. a negative hyperbolic distance
-    of a Poincaré head) if it has one, else the inner product of the unit-norm embeddings (cosine)."""
-    if queries.shape[1] != gallery.shape[1]:
-        raise DataError(f"member {encoder.name!r}: garment embeddings have dim {queries.shape[1]} but lookbook "
-                        f"embeddings dim {gallery.shape[1]}")
-    custom = getattr(encoder, "similarity", None)
-    return custom(queries, gallery) if callable(custom) else queries @ gallery.T
 
 
 # --------------------------------------------------------------------------------------------------

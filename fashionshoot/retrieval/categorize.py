@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fashionshoot.data.sets._common import IMAGE_SUFFIXES
 from fashionshoot.errors import DataError
 from fashionshoot.retrieval.encoders import Encoder
+
+#: File suffixes read as catalogue images (the same set the public-dataset readers accept).
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
 
 # --------------------------------------------------------------------------------------------------
 # Catalogues

@@ -2,9 +2,9 @@
 
 Every protocol reduces to a :class:`RetrievalTask`: queries, a gallery, and a boolean matrix of which
 gallery items are right for each query. Any scorer with ``score(queries, gallery) -> {name: (Q, G)}``
-(a :class:`~fashionshoot.retrieval.ensemble.RetrievalEnsemble`, or :class:`EncoderScorer` over plain
-encoders) is evaluated per member and fused in one pass, so the table compares them on identical
-queries. Protocols:
+(and ``score_texts`` for text queries), normally a
+:class:`~fashionshoot.retrieval.ensemble.RetrievalEnsemble`, is evaluated per member and fused in one
+pass, so the table compares them on identical queries. Protocols:
 
 - synthetic set: garment -> lookbook (or the reverse), positives from ``pairs.jsonl``;
 - Dress Code: in-shop garment ``_1`` <-> model image ``_0`` of the same id;
@@ -31,14 +31,16 @@ from PIL import Image
 
 from fashionshoot.data.images import load_image
 from fashionshoot.errors import DataError
-from fashionshoot.retrieval.encoders import Encoder
-from fashionshoot.retrieval.fusion import FusionMethod, fuse_scores
 
 RAG_KS: tuple[int, ...] = (1, 3, 5, 10, 20)
 
 
 class Scorer(Protocol):
-    """Scores queries against a gallery: member names (plus ``"fused"``) -> ``(Q, G)`` scores."""
+    """Scores queries against a gallery: member names (plus ``"fused"``) -> ``(Q, G)`` scores.
+
+    :class:`~fashionshoot.retrieval.ensemble.RetrievalEnsemble` is one; text-query tasks also need
+    ``score_texts(texts, gallery)`` with the same output.
+    """
 
     def score(self, queries: Sequence[Any], gallery: Sequence[Image.Image]) -> dict[str, torch.Tensor]: ...
 
@@ -93,31 +95,12 @@ class RetrievalTask:
     protocol: dict[str, Any] = field(default_factory=dict)
 
 
-class EncoderScorer:
-    """Per-member cosine scores of plain encoders, plus their fusion (images or texts as queries)."""
-
-    def __init__(self, members: Mapping[str, Encoder], fusion: FusionMethod = "zscore",
-                 weights: Mapping[str, float] | None = None) -> None:
-        self.members, self.fusion, self.weights = dict(members), fusion, weights
-
-    def _fused(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if len(scores) > 1:
-            scores["fused"] = fuse_scores(scores, self.fusion, self.weights)
-        return scores
-
-    def score(self, queries: Sequence[Image.Image], gallery: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return self._fused({n: e.embed_images(queries) @ e.embed_images(gallery).T for n, e in self.members.items()})
-
-    def score_texts(self, texts: Sequence[str], gallery: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        return self._fused({n: e.embed_texts(texts) @ e.embed_images(gallery).T for n, e in self.members.items()})
-
-
 def evaluate(scorer: Scorer, task: RetrievalTask, ks: Sequence[int] = (1, 5, 10),
              precision: bool = False) -> dict[str, dict[str, float]]:
     """Metrics per scorer output (members and fused) for one task."""
     if task.text_queries:
         if not hasattr(scorer, "score_texts"):
-            raise DataError(f"{task.name}: text queries need a scorer with score_texts (e.g. EncoderScorer)")
+            raise DataError(f"{task.name}: text queries need a scorer with score_texts (e.g. RetrievalEnsemble)")
         scores = scorer.score_texts(task.queries, task.gallery)
     else:
         scores = scorer.score(task.queries, task.gallery)

@@ -1,12 +1,14 @@
 """Gallery search: exact inner-product top-k over galleries of millions, with bounded memory.
 
-The gallery is scanned in chunks of ``chunk_size`` rows; each chunk's scores are merged into a running
-top-k, so extra memory is ``queries x (chunk_size + k)`` scores whatever the gallery size. Chunks of
-4096 rows keep the matmul cache-friendly: on 2 CPU cores a 1k x 200k x 256 search takes 0.84 s
-against 1.16 s with 65536-row chunks (``benchmarks/retrieval_search.py``). Gallery rows
-can be stored in fp16 (half the memory of fp32; scores are computed in fp32 on CPU, where fp16 matmul
-is slow, and in the storage dtype on GPU). :class:`FaissIndex` wraps ``faiss.IndexFlatIP`` for users
-who have faiss installed (``pip install fashionshoot[faiss]``) and very large galleries.
+The gallery is scanned in chunks of ``chunk_size`` rows with one preallocated score buffer, so extra
+memory is about ``queries x (chunk_size + k)`` scores whatever the gallery size. After the first
+chunk a query's current ``k``-th best score is a threshold: only the few scores above it are
+collected (see :class:`ExactIndex`), so selecting the top-k costs a small fraction of the matmul and
+exact search runs close to faiss ``IndexFlatIP`` (``benchmarks/retrieval_search.py``). Gallery rows
+are stored in fp32 on CPU by default, or fp16 to halve the memory (converted per chunk, scores
+computed in fp32; on GPU the storage dtype is the compute dtype). :class:`FaissIndex` wraps
+``faiss.IndexFlatIP`` behind the same API for users who have faiss installed
+(``pip install fashionshoot[faiss]``).
 """
 
 from __future__ import annotations
@@ -45,16 +47,89 @@ def merge_topk(best: SearchResult | None, scores: torch.Tensor, offset: int, k: 
     return SearchResult(keep_scores, all_idx.gather(1, order))
 
 
+class _Pending:
+    """Runs of scores whose maximum beats a per-query threshold, collected across chunks and merged
+    into a running top-k now and then (every run is ``group`` scores wide)."""
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.rows: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
+        self.cols: list[torch.Tensor] = []
+
+    def add_above(self, scores: torch.Tensor, threshold: torch.Tensor | None, offset: int, k: int) -> None:
+        """Collect the runs of gallery-major ``scores`` (C, Q) whose maximum is at least ``threshold``
+        (Q,); a tail shorter than a run is padded with ``-inf``. With no threshold (the first chunk),
+        the ``k``-th largest run maximum is used: at least ``k`` runs reach it, so every query keeps
+        at least ``k`` scores, and no top-``k`` score is below it."""
+        group = self.group
+        runs = scores.shape[0] // group
+        grouped = scores[: runs * group].view(runs, group, scores.shape[1])
+        maxima = grouped.amax(dim=1)
+        if threshold is None:
+            threshold = maxima.topk(k, dim=0).values[-1]
+        run, row = (maxima >= threshold).nonzero().unbind(1)
+        self._add(row, grouped[run, :, row], offset + run * group)
+        if scores.shape[0] > runs * group:
+            tail = scores[runs * group :]
+            row = (tail.amax(dim=0) >= threshold).nonzero()[:, 0]
+            padded = torch.nn.functional.pad(tail[:, row].T, (0, group - tail.shape[0]), value=float("-inf"))
+            self._add(row, padded, torch.full_like(row, offset + runs * group))
+
+    def _add(self, rows: torch.Tensor, scores: torch.Tensor, starts: torch.Tensor) -> None:
+        if len(rows):
+            self.rows.append(rows)
+            self.scores.append(scores)
+            self.cols.append(starts)
+
+    def merge(self, best: SearchResult | None, k: int, queries: int) -> SearchResult | None:
+        """``best`` (None: nothing yet) with the collected runs merged in, the collection emptied."""
+        if not self.rows:
+            return best
+        rows, scores, starts = torch.cat(self.rows), torch.cat(self.scores), torch.cat(self.cols)
+        self.rows, self.scores, self.cols = [], [], []
+        order = rows.argsort(stable=True)
+        rows, scores, starts = rows[order], scores[order], starts[order]
+        counts = torch.bincount(rows, minlength=queries)
+        slot = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        width, group = int(counts.max()), self.group
+        dense = torch.full((queries, width, group), float("-inf"), dtype=scores.dtype, device=rows.device)
+        dense_cols = torch.zeros((queries, width, group), dtype=starts.dtype, device=rows.device)
+        dense[rows, slot] = scores
+        dense_cols[rows, slot] = starts.unsqueeze(1) + torch.arange(group, device=rows.device)
+        all_scores, all_cols = dense.view(queries, -1), dense_cols.view(queries, -1)
+        if best is not None:
+            all_scores, all_cols = torch.cat([best.scores, all_scores], dim=1), torch.cat([best.indices, all_cols], dim=1)
+        top_scores, order = all_scores.topk(k, dim=1)
+        return SearchResult(top_scores, all_cols.gather(1, order))
+
+
 class ExactIndex:
-    """Exact maximum-inner-product search over a fixed gallery (use unit-norm rows for cosine)."""
+    """Exact maximum-inner-product search over a fixed gallery (use unit-norm rows for cosine).
+
+    ``storage_dtype`` defaults to fp32 on CPU (scores are computed in fp32 there, where fp16 matmul
+    is slow) and fp16 elsewhere; pass ``torch.float16`` on CPU to halve the gallery's memory at the
+    cost of one conversion per chunk and fp16-rounded scores.
+
+    Search is a chunked scan that never runs ``topk`` over a whole chunk once each query has ``k``
+    results: every ``group`` consecutive scores of a chunk are reduced to their maximum (one cheap
+    vectorised pass), only groups whose maximum beats the query's current ``k``-th best score are
+    read, and the few scores above it are merged into the running top-k now and then. The result is
+    the same as a full sort (ties aside); the selection costs a small fraction of the matmul.
+    """
 
     def __init__(self, embeddings: torch.Tensor, chunk_size: int = 4096,
-                 storage_dtype: torch.dtype = torch.float16, device: str | torch.device = "cpu") -> None:
+                 storage_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 group: int = 32) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] == 0:
             raise DataError(f"gallery: expected a non-empty (N, D) embedding matrix, got {tuple(embeddings.shape)}")
+        if chunk_size < 1 or group < 1:
+            raise DataError(f"chunk_size and group must be >= 1, got {chunk_size} and {group}")
         self.device = torch.device(device)
+        if storage_dtype is None:
+            storage_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
         self.embeddings = embeddings.to(self.device, storage_dtype).contiguous()
-        self.chunk_size = chunk_size
+        self.chunk_size, self.group = chunk_size, group
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else storage_dtype
 
     @property
@@ -65,7 +140,11 @@ class ExactIndex:
         return self.embeddings.shape[0]
 
     def search(self, queries: torch.Tensor, k: int, query_chunk: int = 4096) -> SearchResult:
-        """Top-``k`` gallery rows for each query, best first. ``k`` is capped at the gallery size."""
+        """Top-``k`` gallery rows for each query, best first. ``k`` is capped at the gallery size.
+
+        Queries are searched in blocks of ``query_chunk``; extra memory is about
+        ``query_chunk x (chunk_size + k)`` scores plus one converted chunk.
+        """
         _check_dims(queries, self.dim, "queries")
         k = min(k, len(self))
         results = [self._search_block(block, k) for block in queries.split(query_chunk)]
@@ -73,11 +152,28 @@ class ExactIndex:
                             torch.cat([r.indices for r in results]).cpu())
 
     def _search_block(self, queries: torch.Tensor, k: int) -> SearchResult:
-        q = queries.to(self.device, self.compute_dtype)
+        q_t = queries.to(self.device, self.compute_dtype).T.contiguous()
+        rows, size, group = q_t.shape[1], self.chunk_size, self.group
+        scores_buf = torch.empty(rows * min(size, len(self)), dtype=self.compute_dtype, device=self.device)
+        convert = self.embeddings.dtype != self.compute_dtype
+        chunk_buf = torch.empty(min(size, len(self)), self.dim, dtype=self.compute_dtype, device=self.device) \
+            if convert else None
         best: SearchResult | None = None
-        for offset in range(0, len(self), self.chunk_size):
-            chunk = self.embeddings[offset : offset + self.chunk_size].to(self.compute_dtype)
-            best = merge_topk(best, q @ chunk.T, offset, k)
+        pending = _Pending(group)
+        for number, offset in enumerate(range(0, len(self), size)):
+            chunk = self.embeddings[offset : offset + size]
+            if chunk_buf is not None:
+                chunk = chunk_buf[: len(chunk)].copy_(chunk)
+            # Gallery-major (C, Q) scores: the faster matmul layout on CPU, and runs of gallery rows
+            # are then contiguous rows of the buffer.
+            scores = torch.mm(chunk, q_t, out=scores_buf[: rows * len(chunk)].view(len(chunk), rows))
+            if k * group * 4 > len(chunk) or (best is not None and best.scores.shape[1] < k):
+                best = merge_topk(pending.merge(best, k, rows), scores.T, offset, k)
+                continue
+            pending.add_above(scores, None if best is None else best.scores[:, -1], offset, k)
+            if number & (number + 1) == 0:  # chunks 0, 1, 3, 7, 15, ...: refresh the thresholds
+                best = pending.merge(best, k, rows)
+        best = pending.merge(best, k, rows)
         assert best is not None
         return best
 

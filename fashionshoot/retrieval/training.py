@@ -33,18 +33,17 @@ from fashionshoot.config import save_config, to_dict
 from fashionshoot.data.records import PairRecord
 from fashionshoot.data.synthetic import SyntheticConfig
 from fashionshoot.errors import ConfigError, DataError
-from fashionshoot.retrieval.ensemble import (
+from fashionshoot.retrieval.ensemble import EnsembleConfig, RetrievalEnsemble
+from fashionshoot.retrieval.fusion import FusionMethod
+from fashionshoot.retrieval.heads import HEAD_TYPES, HeadConfig, HeadKind, MetricHead, build_head
+from fashionshoot.retrieval.members import (
     BackboneFeatures,
     Backend,
-    EnsembleConfig,
     FeatureMode,
     HeadEncoder,
     MemberConfig,
-    RetrievalEnsemble,
     build_backbone,
 )
-from fashionshoot.retrieval.fusion import FusionMethod
-from fashionshoot.retrieval.heads import HEAD_TYPES, HeadConfig, HeadKind, MetricHead, build_head
 
 #: Small enough to generate in seconds, large enough that held-out recall is not noise.
 DEFAULT_SYNTHETIC = SyntheticConfig(num_garments=300, lookbooks_per_garment=3, styles=("real",),
