@@ -1,0 +1,112 @@
+"""Checkpoints: ``accelerator.save_state`` (models, optimizer, LR schedule, every rank's RNG) plus the
+step, counters and resolved config, written atomically and rotated.
+
+A checkpoint is first written to a hidden temporary folder and renamed into place only when
+complete, so a run killed mid-save never leaves a folder that ``resume="latest"`` would pick up.
+Resuming compares the saved config with the current one and refuses a checkpoint of a different run
+(naming the keys), except for keys that only say how long to run or where to log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fashionshoot.errors import ConfigError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_NAME = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+#: Config keys (dotted prefixes) a resumed run may change: run length, logging, saving, sampling.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "output_dir", "log_with", "log_every", "max_nan_steps", "optim.max_steps", "checkpoint.", "sample.",
+    "data.num_workers",
+)
+
+
+@dataclass
+class TrainerState:
+    """What ``save_state`` does not hold: optimizer steps taken, skipped non-finite losses, the config."""
+
+    step: int = 0
+    nan_steps: int = 0
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every dotted key that differs and may not change on resume."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(k for k in set(old) | set(new)
+                  if old.get(k) != new.get(k) and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES))
+    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys]
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary folders are hidden and skipped)."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
+             if (m := _NAME.match(p.name)) and (p / STATE_NAME).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint ``resume`` names: ``""`` none, ``"latest"`` the newest here (none if there is none)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise ConfigError(f"checkpoint.resume: {path} is not a checkpoint folder (no {STATE_NAME})")
+    return path
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, keep: int) -> Path:
+    """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep``; call on every rank."""
+    folder = Path(output_dir) / CHECKPOINT_DIR
+    final = folder / f"checkpoint-{state.step:08d}"
+    tmp = folder / f".tmp-checkpoint-{state.step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its own RNG state; rank 0 the rest
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_NAME).write_text(json.dumps(vars(state), indent=1) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any]) -> TrainerState:
+    """Restore ``path`` into the prepared objects after checking it was written by a matching config."""
+    path = Path(path)
+    saved = TrainerState(**json.loads((path / STATE_NAME).read_text()))
+    mismatches = config_mismatches(saved.config, config)
+    if mismatches:
+        raise ConfigError(f"checkpoint {path} was written with a different config; mismatching keys: "
+                          + "; ".join(mismatches))
+    accelerator.load_state(str(path))
+    return saved

@@ -1,0 +1,128 @@
+"""Typed config of ``train/photoshoot.py``; the CPU default (no arguments) is a few-minute plumbing run.
+
+Every section is a dataclass so :func:`fashionshoot.config.config_from_argv` rejects a typo'd key at
+start-up. The resolved config is saved in the run folder and inside each checkpoint, where resuming
+compares it key by key (:mod:`fashionshoot.training.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fashionshoot.data.synthetic import SyntheticConfig
+from fashionshoot.errors import ConfigError
+from fashionshoot.models.garment_adapter import Conditioning
+
+#: Small enough to generate in about a second, varied enough that the grid shows different garments.
+DEFAULT_SYNTHETIC = SyntheticConfig(num_garments=40, lookbooks_per_garment=2, styles=("real",),
+                                    garment_size=(64, 64), lookbook_size=(64, 48))
+
+
+@dataclass
+class DataConfig:
+    """Pairs to train on: ``manifest`` (``.jsonl``/``.parquet``), else the synthetic set generated into
+    ``<output_dir>/synthetic``. ``tier`` selects nested tiers ("medium" = high + medium);
+    ``resolution`` is the lookbook ``(height, width)`` the model sees. ``slot_map`` maps a record's
+    category to an outfit slot where the names differ (a category equal to a slot name maps to it).
+    ``weight_power`` turns confidence into a per-sample loss weight (0: all weights 1)."""
+
+    manifest: str = ""
+    synthetic: SyntheticConfig = field(default_factory=lambda: DEFAULT_SYNTHETIC)
+    tier: str = "high"
+    min_confidence: float | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    resolution: tuple[int, int] = (64, 48)
+    slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
+    weight_power: float = 1.0
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The pipeline to fine-tune. Empty ``pretrained``: a tiny random pipeline (with pose channels and a
+    fresh, zero-initialised adapter of kind ``conditioning``) is written to ``<output_dir>/base``; the
+    default is cross-attention only because the reference path's long self-attention makes a CPU step
+    about six times slower.
+    ``train_unet`` also trains the whole UNet; otherwise only the adapter and the pose input channels."""
+
+    pretrained: str = ""
+    conditioning: Conditioning = "cross_attention"
+    train_unet: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; ``max_steps`` counts optimizer steps, each of ``batch_size * grad_accum`` samples per process."""
+
+    max_steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class DropoutConfig:
+    """Condition dropout probabilities (exclusive), see :func:`fashionshoot.models.guidance.condition_dropout`."""
+
+    garment: float = 0.05
+    text: float = 0.05
+    both: float = 0.05
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every ``every`` steps (and at the end), keep the newest ``keep``. ``resume``: "latest"
+    (newest checkpoint in ``output_dir``, fresh if none: rerunning a preempted command continues it),
+    a checkpoint folder, or "" (start fresh; refused if ``output_dir`` already holds checkpoints)."""
+
+    every: int = 100
+    keep: int = 2
+    resume: str = "latest"
+
+
+@dataclass
+class SampleConfig:
+    """The final sample grid: ``num_pairs`` test pairs, rows garment | generated | ground truth."""
+
+    num_pairs: int = 4
+    steps: int = 20
+    guidance_text: float = 3.0
+    guidance_garment: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class PhotoshootTrainConfig:
+    """``train/photoshoot.py``. ``log_with``: an accelerate tracker name, "auto" (tensorboard when
+    installed, else none) or "none". ``max_nan_steps``: non-finite losses tolerated (skipped) before
+    the run stops."""
+
+    output_dir: str = "runs/photoshoot"
+    seed: int = 0
+    cpu: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_with: str = "auto"
+    log_every: int = 10
+    max_nan_steps: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        positive = {"optim.max_steps": self.optim.max_steps, "optim.batch_size": self.optim.batch_size,
+                    "optim.grad_accum": self.optim.grad_accum, "checkpoint.every": self.checkpoint.every,
+                    "checkpoint.keep": self.checkpoint.keep, "log_every": self.log_every}
+        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
+        if bad:
+            raise ConfigError(f"must be at least 1: {', '.join(bad)}")
+        if any(v % 8 for v in self.data.resolution):
+            raise ConfigError(f"data.resolution must be multiples of 8, got {list(self.data.resolution)}")

@@ -1,0 +1,155 @@
+"""Training batches: pair records -> tensors the denoiser needs, with a resumable, rank-sharded order.
+
+The collator does all per-sample image work in DataLoader workers: lookbook pixels for the VAE
+target, the garment twice (image-encoder pixels for cross-attention, VAE pixels for the reference
+path), the slot each garment fills, pose keypoints rescaled to the training resolution, caption and
+confidence weight. The order of samples is :class:`EpochBatchSampler`'s, not accelerate's, so a
+resumed run can start mid-epoch on exactly the batch the interrupted run would have drawn next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Sampler
+
+from fashionshoot.data.pairs import PairFilter, PairManifestDataset, SampleSpec, read_manifest
+from fashionshoot.data.records import PairRecord
+from fashionshoot.errors import DataError
+from fashionshoot.training.config import DataConfig
+
+
+def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord], Path]:
+    """All pair records and the folder their image paths are relative to (synthetic set generated if needed)."""
+    if config.manifest:
+        path = Path(config.manifest)
+        return read_manifest(path), path.parent
+    from fashionshoot.data.synthetic import load_synthetic_config, write_synthetic_set
+
+    root = output_dir / "synthetic"
+    settings = root / "synthetic.json"
+    fresh = settings.is_file() and (root / "pairs.jsonl").is_file() and load_synthetic_config(settings) == config.synthetic
+    if not fresh:
+        write_synthetic_set(root, config.synthetic)
+    return read_manifest(root / "pairs.jsonl"), root
+
+
+def select(records: Sequence[PairRecord], config: DataConfig, split: str) -> list[PairRecord]:
+    """The records of ``split`` at the configured tier and confidence; empty is an error naming the filter."""
+    keep = PairFilter(config.tier, min_confidence=config.min_confidence, split=split)
+    chosen = [r for r in records if keep.accepts(r)]
+    if not chosen:
+        raise DataError(f"no pairs in split {split!r} at tier {config.tier!r} (min_confidence "
+                        f"{config.min_confidence}) among {len(records)} records")
+    return chosen
+
+
+def category_slot(category: str, slots: Sequence[str], slot_map: Mapping[str, str]) -> int:
+    """Index of the outfit slot a garment of ``category`` fills."""
+    slot = slot_map.get(category, category)
+    if slot not in slots:
+        raise DataError(f"category {category!r} maps to no outfit slot (slots: {', '.join(slots)}); "
+                        f"add it to data.slot_map")
+    return list(slots).index(slot)
+
+
+def _pixels(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+    """``(N, 3, H, W)`` in ``[-1, 1]`` (the VAE's range), bicubically resized to ``size`` ``(H, W)``."""
+    arrays = [np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)) for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _keypoints(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> np.ndarray | None:
+    """Keypoints in training-resolution pixels (records store them in the source lookbook's pixels)."""
+    if record.keypoints is None:
+        return None
+    kp = np.asarray(record.keypoints, dtype=np.float32).copy()
+    kp[:, 0] *= size[1] / lookbook.width
+    kp[:, 1] *= size[0] / lookbook.height
+    return kp
+
+
+class PhotoshootCollator:
+    """DataLoader ``collate_fn`` for :class:`PairManifestDataset` samples holding PIL images.
+
+    Returns ``lookbook`` and ``garment_vae`` ``(B, 3, H, W)`` in ``[-1, 1]``, ``garment_clip`` (image
+    processor output), ``slot_mask`` ``(B, S)`` with one garment per sample, ``keypoints`` (list,
+    ``None`` where missing), ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
+    """
+
+    def __init__(self, image_processor: Any, slots: Sequence[str], slot_map: Mapping[str, str],
+                 resolution: tuple[int, int]) -> None:
+        self.image_processor = image_processor
+        self.slots = tuple(slots)
+        self.slot_map = dict(slot_map)
+        self.resolution = (int(resolution[0]), int(resolution[1]))
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        records: list[PairRecord] = [s["record"] for s in samples]
+        garments = [s["garment"].convert("RGB") for s in samples]
+        slot_mask = torch.zeros(len(samples), len(self.slots), dtype=torch.bool)
+        for i, record in enumerate(records):
+            slot_mask[i, category_slot(record.category, self.slots, self.slot_map)] = True
+        return {
+            "lookbook": _pixels([s["lookbook"] for s in samples], self.resolution),
+            "garment_vae": _pixels(garments, self.resolution),
+            "garment_clip": self.image_processor(images=garments, return_tensors="pt").pixel_values,
+            "slot_mask": slot_mask,
+            "keypoints": [_keypoints(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
+            "prompts": [str(r.metadata.get("caption", "")) for r in records],
+            "weight": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
+            "pair_ids": [r.pair_id for r in records],
+        }
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Full batches of a per-epoch permutation (seeded by ``seed`` and the epoch), this rank's share.
+
+    Each rank takes every ``world``-th batch, so ranks see disjoint data; ``start`` skips batches of
+    the current epoch (resume). Incomplete batches are dropped so every rank runs the same steps.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.batch_size, self.seed, self.rank, self.world = size, batch_size, seed, rank, world
+        self.epoch, self.start = 0, 0
+        if len(self) == 0:
+            raise DataError(f"{size} training pairs give no full batch of {batch_size} per process on {world} process(es)")
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.size // (self.batch_size * self.world)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        for b in range(self.start, len(self)):
+            first = (b * self.world + self.rank) * self.batch_size
+            yield order[first : first + self.batch_size]
+
+
+def batches_from(loader: DataLoader, sampler: EpochBatchSampler, consumed: int) -> Iterator[dict[str, Any]]:
+    """Endless batches, starting after the first ``consumed`` batches of the run (epochs wrap)."""
+    epoch, start = divmod(consumed, len(sampler))
+    while True:
+        sampler.set_position(epoch, start)
+        yield from loader
+        epoch, start = epoch + 1, 0
+
+
+def train_loader(records: Sequence[PairRecord], root: Path, config: DataConfig, collator: PhotoshootCollator,
+                 batch_size: int, seed: int, rank: int, world: int) -> tuple[DataLoader, EpochBatchSampler]:
+    """A plain DataLoader over ``records`` (deliberately not ``accelerator.prepare``-d, see module doc).
+
+    Its own generator keeps worker seeding from drawing on the global RNG that checkpoints restore.
+    """
+    dataset = PairManifestDataset(records, root, SampleSpec(weight_power=config.weight_power))
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, rank, world)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=config.num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler

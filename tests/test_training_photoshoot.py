@@ -1,0 +1,130 @@
+"""train/photoshoot.py: end-to-end default run, exact resume, checkpoint/config checks, NaN stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fashionshoot.config import config_from_argv
+from fashionshoot.errors import ConfigError, FashionshootError
+from fashionshoot.training import PhotoshootTrainConfig, TrainingDiverged, run
+from fashionshoot.training import loop as loop_module
+from fashionshoot.training.checkpoint import STATE_NAME, checkpoints
+from fashionshoot.training.data import load_records
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_YAML = ROOT / "configs" / "photoshoot_tiny.yaml"
+#: Few, small steps: every test run is plumbing, not learning.
+FAST = ["optim.batch_size=2", "sample.steps=1", "sample.num_pairs=1", "log_with=none"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny CPU models run several times faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides pointing at one synthetic set and one tiny base pipeline, built once for the module."""
+    from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+
+    folder = tmp_path_factory.mktemp("shared")
+    config = config_from_argv(PhotoshootTrainConfig, [], default_path=TINY_YAML)
+    load_records(config.data, folder)
+    base = save_tiny_photoshoot_pipeline(folder / "base", conditioning="cross_attention", randomize_zero_init=False)
+    return [f"data.manifest={folder / 'synthetic' / 'pairs.jsonl'}", f"model.pretrained={base}"]
+
+
+def _config(out: Path, *overrides: str) -> PhotoshootTrainConfig:
+    return config_from_argv(PhotoshootTrainConfig, [f"output_dir={out}", *FAST, *overrides], default_path=TINY_YAML)
+
+
+def test_default_config_end_to_end(tmp_path: Path) -> None:
+    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
+
+    results = run(_config(tmp_path, "optim.max_steps=2", "checkpoint.every=1", "checkpoint.keep=1"))
+    assert results["step"] == 2 and results["nan_steps"] == 0 and set(results["losses"]) == {1, 2}
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000002"]  # rotated, keep=1
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "synthetic" / "pairs.jsonl").is_file()
+    pipe = load_photoshoot_pipeline(results["pipeline"])
+    assert pipe.pose_channels == 18
+    with Image.open(results["grid"]) as grid:
+        assert grid.size == (3 * 48, 64)  # garment | generated | ground truth, one test pair
+
+
+def _weights(pipeline: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for part in ("unet", "garment_adapter"):
+        for file in sorted((pipeline / part).glob("*.safetensors")):
+            out.update({f"{part}.{k}": v for k, v in load_file(file).items()})
+    return out
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> None:
+    common = [*shared, "optim.grad_accum=2", "checkpoint.every=2", "optim.warmup_steps=2"]
+    straight = run(_config(tmp_path / "a", *common, "optim.max_steps=4"))
+    run(_config(tmp_path / "b", *common, "optim.max_steps=2"))
+    resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=4", "checkpoint.resume=latest"))
+    assert set(resumed["losses"]) == {3, 4}
+    assert resumed["losses"] == {k: straight["losses"][k] for k in (3, 4)}
+    a, b = _weights(straight["pipeline"]), _weights(resumed["pipeline"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in _weights(Path(shared[1].split("=", 1)[1])).items())
+
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002"):
+        run(_config(tmp_path / "c", *common, "optim.lr=2e-3", f"checkpoint.resume={resumed['checkpoint']}"))
+
+
+def test_fresh_start_refuses_folder_with_checkpoints(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "checkpoint-00000005").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-00000005" / STATE_NAME).write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-00000009").mkdir()  # an interrupted save is never picked
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000005"]
+    with pytest.raises(FashionshootError, match="checkpoint.resume=latest"):
+        run(_config(tmp_path, "checkpoint.resume="))
+
+
+def test_bad_config_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"optim\.lrr"):
+        config_from_argv(PhotoshootTrainConfig, ["optim.lrr=1e-4"], default_path=TINY_YAML)
+    with pytest.raises(ConfigError, match=r"optim\.batch_size=0"):
+        config_from_argv(PhotoshootTrainConfig, ["optim.batch_size=0"], default_path=TINY_YAML)
+
+
+def test_non_finite_losses_stop_the_run(tmp_path: Path, shared: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    real = loop_module.training_loss
+
+    def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
+        return real(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(loop_module, "training_loss", nan_loss)
+    with pytest.raises(TrainingDiverged, match="max_nan_steps=1"):
+        run(_config(tmp_path, *shared, "optim.max_steps=5", "max_nan_steps=1"))
+
+
+def test_tier_selection_and_slot_mapping() -> None:
+    from fashionshoot.data.records import PairRecord
+    from fashionshoot.errors import DataError
+    from fashionshoot.models.outfit import OUTFIT_SLOTS
+    from fashionshoot.training.data import category_slot, select
+
+    config = PhotoshootTrainConfig().data
+    records = [PairRecord(f"p{i}", "g", "l", "g.png", "l.png", category="skirt", tier=tier)
+               for i, tier in enumerate(("high", "medium", "low"))]
+    config.tier = "medium"
+    assert [r.tier for r in select(records, config, "train")] == ["high", "medium"]
+    with pytest.raises(DataError, match="split 'test'"):
+        select(records, config, "test")
+    assert OUTFIT_SLOTS[category_slot("skirt", OUTFIT_SLOTS, config.slot_map)] == "bottom"
+    with pytest.raises(DataError, match="'scarf'.*data.slot_map"):
+        category_slot("scarf", OUTFIT_SLOTS, config.slot_map)
