@@ -29,3 +29,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "siglip2": testing.save_tiny_siglip2(root / "siglip2"),
         "open_clip": testing.save_tiny_open_clip(root / "open_clip"),
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with several, OpenMP spin-waits on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -13,14 +13,7 @@ from fashionshoot.errors import DataError
 from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in, pose_maps, to_coco18
 from fashionshoot.weights import load_pretrained
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; with several, OpenMP spin-waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _keypoints(n: int, seed: int = 0) -> np.ndarray:

@@ -21,13 +21,7 @@ TINY_YAML = ROOT / "configs" / "photoshoot_tiny.yaml"
 FAST = ["optim.batch_size=2", "sample.steps=1", "sample.num_pairs=1", "log_with=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny CPU models run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,9 @@ from PIL import Image, UnidentifiedImageError
 
 from fashionshoot.errors import DataError
 
+#: File suffixes the folder-scanning readers treat as images.
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+
 
 def decode_image(data: bytes, where: str, mode: str = "RGB") -> Image.Image:
     """Decode encoded image bytes fully (not lazily), converting to ``mode``.

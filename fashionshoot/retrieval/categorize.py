@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fashionshoot.data.images import IMAGE_SUFFIXES
 from fashionshoot.errors import DataError
 from fashionshoot.retrieval.encoders import Encoder
 
 #: File suffixes read as catalogue images (the same set the public-dataset readers accept).
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 
 # --------------------------------------------------------------------------------------------------

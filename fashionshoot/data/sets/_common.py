@@ -22,8 +22,6 @@ from fashionshoot.data.images import load_image
 from fashionshoot.data.records import PairRecord
 from fashionshoot.errors import DataError
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-
 SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fashionshoot.data.images import load_image
-from fashionshoot.data.sets._common import IMAGE_SUFFIXES, PublicDataset, SampleTransform
+from fashionshoot.data.images import IMAGE_SUFFIXES, load_image
+from fashionshoot.data.sets._common import PublicDataset, SampleTransform
 from fashionshoot.errors import DataError
 
 
