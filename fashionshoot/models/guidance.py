@@ -53,8 +53,12 @@ def condition_dropout(
     p_text: float = 0.05,
     p_both: float = 0.05,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Drop garment, text or both per sample, with exclusive probabilities (one uniform draw each).
+
+    The draws come from ``generator``, or are given as ``uniform`` ``(B,)`` in ``[0, 1)`` (training
+    passes per-sample draws, see :mod:`fashionshoot.training.randomness`).
 
     ``batch`` needs ``slot_mask`` ``(B, S)`` booleans and ``prompts`` (``B`` strings). A dropped
     garment clears its row of ``slot_mask`` (every slot then masked out of attention, as at
@@ -67,7 +71,8 @@ def condition_dropout(
     prompts = list(batch["prompts"])
     if len(prompts) != len(slot_mask):
         raise ConfigError(f"{len(prompts)} prompts for a batch of {len(slot_mask)} outfits")
-    u = torch.rand(len(slot_mask), generator=generator, device=generator.device if generator else "cpu")
+    u = uniform if uniform is not None else torch.rand(len(slot_mask), generator=generator,
+                                                       device=generator.device if generator else "cpu")
     u = u.to(slot_mask.device)
     both = (u >= p_garment + p_text) & (u < p_garment + p_text + p_both)
     drop_garment = (u < p_garment) | both
