@@ -122,3 +122,58 @@ def test_tier_selection_and_slot_mapping() -> None:
     assert OUTFIT_SLOTS[category_slot("skirt", OUTFIT_SLOTS, config.slot_map)] == "bottom"
     with pytest.raises(DataError, match="'scarf'.*data.slot_map"):
         category_slot("scarf", OUTFIT_SLOTS, config.slot_map)
+
+
+def _delta(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    return sum(float((trained[k] - base[k]).norm() ** 2) for k in base) ** 0.5
+
+
+def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str]) -> None:
+    common = [*shared, "checkpoint.every=1", "optim.warmup_steps=0"]
+    base = _weights(Path(shared[1].split("=", 1)[1]))
+    plain = run(_config(tmp_path / "plain", *common, "optim.max_steps=3"))
+    straight = run(_config(tmp_path / "a", *common, "optim.max_steps=3", "ema.decay=0.9"))
+    run(_config(tmp_path / "b", *common, "optim.max_steps=2", "ema.decay=0.9"))
+    resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=3", "ema.decay=0.9"))
+    ema, raw = _weights(straight["pipeline"]), _weights(plain["pipeline"])
+    assert straight["losses"] == plain["losses"]  # EMA only changes what is saved, not the trajectory
+    assert all(torch.equal(ema[k], v) for k, v in _weights(resumed["pipeline"]).items())
+    assert 0 < _delta(ema, base) < _delta(raw, base)
+
+
+def test_lora_trains_adapters_and_saves_them_apart(tmp_path: Path, shared: list[str]) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from fashionshoot.training.loop import LORA_DIR
+
+    base_dir = Path(shared[1].split("=", 1)[1])
+    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "model.lora_rank=4",
+                          "optim.lr=1e-2"))
+    base, trained = _weights(base_dir), _weights(results["pipeline"])
+    assert base.keys() == trained.keys()  # fused and unloaded: a plain UNet again
+    changed = {k.split(".")[-2] for k in base if k.startswith("unet.") and not torch.equal(base[k], trained[k])}
+    assert changed == {"to_q", "to_k", "to_v", "0", "conv_in"}  # to_out.0 and the pose channels
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "unet")
+    unet.load_lora_adapter(str(tmp_path / LORA_DIR), prefix=None, weight_name="pytorch_lora_weights.safetensors")
+    unet.fuse_lora()
+    unet.unload_lora()
+    lora_only = {k: v for k, v in unet.state_dict().items() if "conv_in" not in k}
+    assert all(torch.allclose(v, trained[f"unet.{k}"], atol=1e-6) for k, v in lora_only.items())
+
+
+def test_lora_and_full_unet_training_exclude_each_other() -> None:
+    with pytest.raises(ConfigError, match="lora_rank"):
+        config_from_argv(PhotoshootTrainConfig, ["model.lora_rank=4", "model.train_unet=true"], default_path=TINY_YAML)
+
+
+def test_tensorboard_logging_and_8bit_adam(tmp_path: Path, shared: list[str]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "log_with=tensorboard",
+                          "log_every=1", "optim.optimizer=adamw8bit"))
+    base, trained = _weights(Path(shared[1].split("=", 1)[1])), _weights(results["pipeline"])
+    assert _delta(trained, base) > 0
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("loss")}
+    assert logged == pytest.approx(results["losses"])

@@ -41,16 +41,18 @@ class PhotoshootDenoiser(nn.Module):
         garment_latents: torch.Tensor | None = None,
         reference_context: torch.Tensor | None = None,
         pose: torch.Tensor | None = None,
+        inpaint: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``image_features`` ``(B, S, L, D)`` feed cross-attention conditioning; ``garment_latents``
         ``(B, S, C, h, w)`` and ``reference_context`` (usually the empty-prompt embedding) feed
-        reference conditioning; ``pose`` ``(B, 18, h, w)`` is appended to the UNet input channels."""
+        reference conditioning; ``inpaint`` ``(B, 1 + C, h, w)`` (mask + masked-image latents, inpainting
+        UNets only) and ``pose`` ``(B, 18, h, w)`` are appended to the UNet input channels in that order."""
         bank = None
         if self.garment_adapter.uses_reference:
             if garment_latents is None or reference_context is None:
                 raise ConfigError("reference conditioning needs garment_latents and reference_context")
             bank = write_reference(self.unet, garment_latents, slot_mask.bool(), reference_context)
         controls = self.garment_adapter(slot_mask, image_features, bank)
-        model_input = noisy_latents if pose is None else torch.cat([noisy_latents, pose], dim=1)
+        model_input = torch.cat([x for x in (noisy_latents, inpaint, pose) if x is not None], dim=1)
         return self.unet(model_input, timesteps, encoder_hidden_states,
                          cross_attention_kwargs={CONTROLS_KEY: controls}).sample

@@ -32,8 +32,9 @@ from fashionshoot.models.garment_adapter import GarmentAdapter, install_garment_
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
 from fashionshoot.models.guidance import BRANCH_CONDITIONS, combine_guidance, guidance_branches
 from fashionshoot.models.outfit import Outfit, arrange_outfit, is_outfit_batch, slot_mask, swap_garments
-from fashionshoot.models.pose import POSE_CHANNELS, pose_maps
+from fashionshoot.models.pose import pose_maps
 from fashionshoot.models.reference_net import write_reference
+from fashionshoot.models.unet_inputs import UNetInputs, inpaint_inputs
 from fashionshoot.weights import load_pretrained, resolve_pretrained
 
 Keypoints = np.ndarray | Sequence[Sequence[float]] | Sequence[float]
@@ -92,13 +93,10 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        pose = unet.config.in_channels - vae.config.latent_channels
-        if pose not in (0, POSE_CHANNELS):
-            raise ConfigError(
-                f"UNet has {unet.config.in_channels} input channels; expected {vae.config.latent_channels} "
-                f"latent channels plus 0 or {POSE_CHANNELS} pose channels"
-            )
-        self.pose_channels = pose
+        self.unet_inputs = UNetInputs.of(unet.config.in_channels, vae.config.latent_channels)
+        self.pose_channels = self.unet_inputs.pose
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
         encoder_dim = image_encoder.config.hidden_size
         if garment_adapter.uses_cross_attention and encoder_dim != garment_adapter.config.image_embed_dim:
             raise ConfigError(f"image encoder width {encoder_dim} != garment adapter image_embed_dim "
@@ -152,6 +150,28 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         return pose_maps(keypoints, (height, width), latent_size).to(self._execution_device, self.unet.dtype)
 
+    def prepare_inpaint(self, images: Sequence[Image.Image | None], masks: Sequence[Image.Image | None],
+                        height: int, width: int) -> torch.Tensor | None:
+        """``(B, 1 + C, h, w)`` mask + masked-image latents for an inpainting UNet (``None`` for others).
+
+        Without scene images the whole image is regenerated; with them, every sample needs an image
+        and a mask (white = regenerate), as in the diffusers inpainting pipelines.
+        """
+        given = [img is not None for img in images] + [m is not None for m in masks]
+        if not self.unet_inputs.inpaint:
+            if any(given):
+                raise DataError("image / mask_image need an inpainting UNet (e.g. SD-2-inpainting); this one has "
+                                f"{self.unet.config.in_channels} input channels")
+            return None
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if not any(given):
+            return inpaint_inputs(self.vae, latent_size, len(images)).to(self.unet.dtype)
+        if not all(given):
+            raise DataError("give an image and a mask_image for every sample, or neither (regenerate everything)")
+        pixels = self.image_processor.preprocess(list(images), height=height, width=width)
+        mask = self.mask_processor.preprocess(list(masks), height=height, width=width)
+        return inpaint_inputs(self.vae, latent_size, len(images), pixels, mask).to(self.unet.dtype)
+
     def _check_garments(self, outfit: list[Any]) -> list[Image.Image | None]:
         for slot, garment in zip(self.slots, outfit, strict=True):
             if garment is not None and not isinstance(garment, Image.Image):
@@ -169,6 +189,8 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         keypoints: Keypoints | Sequence[Keypoints | None] | None = None,
         prompt: str | Sequence[str] = "",
         negative_prompt: str | Sequence[str] = "",
+        image: Image.Image | Sequence[Image.Image] | None = None,
+        mask_image: Image.Image | Sequence[Image.Image] | None = None,
         guidance_scale_text: float = 5.0,
         guidance_scale_garment: float = 3.0,
         num_inference_steps: int = 30,
@@ -187,7 +209,8 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         slots) or a list of outfits. ``keypoints``: one ``(K, 2|3)`` array in output-image pixels
         (COCO-18, MPII-16 or BODY_25, chosen by ``K``) or a list of them. ``prompt`` /
         ``negative_prompt``: one string or one per sample. Inputs of length 1 are shared across the
-        batch. ``same_noise`` gives every sample the same starting noise, so samples differ only by
+        batch. ``image`` / ``mask_image`` (inpainting UNets only): a scene to keep outside the white
+        mask region, one or one per sample. ``same_noise`` gives every sample the same starting noise, so samples differ only by
         their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`).
         """
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -199,6 +222,8 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
             "keypoints": _as_list(keypoints, _is_keypoint_batch(keypoints)),
             "prompt": _as_list(prompt, not isinstance(prompt, str)),
             "negative_prompt": _as_list(negative_prompt, not isinstance(negative_prompt, str)),
+            "image": _as_list(image, isinstance(image, (list, tuple))),
+            "mask_image": _as_list(mask_image, isinstance(mask_image, (list, tuple))),
         }
         batch = _broadcast(inputs)
         n = num_images_per_prompt
@@ -213,6 +238,8 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         keep = [BRANCH_CONDITIONS[b][0] for b in branches]
         controls = {k: v.for_branches(keep) for k, v in self.encode_outfits(outfits, height, width).items()}
         pose = self.prepare_pose(per_image["keypoints"], height, width)
+        inpaint = self.prepare_inpaint(per_image["image"], per_image["mask_image"], height, width)
+        extra = [x.repeat(len(branches), 1, 1, 1) for x in (inpaint, pose) if x is not None]
 
         # Before the noise: init_noise_sigma depends on the timesteps (Euler, DPM++).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -227,8 +254,7 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         step_kwargs = self._step_kwargs(generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
-            if pose is not None:
-                model_input = torch.cat([model_input, pose.repeat(len(branches), 1, 1, 1)], dim=1)
+            model_input = torch.cat([model_input, *extra], dim=1)
             eps = self.unet(model_input, t, encoder_hidden_states=text,
                             cross_attention_kwargs={CONTROLS_KEY: controls}).sample
             eps = combine_guidance(dict(zip(branches, eps.chunk(len(branches)), strict=True)),

@@ -41,21 +41,34 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The pipeline to fine-tune. Empty ``pretrained``: a tiny random pipeline (with pose channels and a
-    fresh, zero-initialised adapter of kind ``conditioning``) is written to ``<output_dir>/base``; the
-    default is cross-attention only because the reference path's long self-attention makes a CPU step
-    about six times slower.
-    ``train_unet`` also trains the whole UNet; otherwise only the adapter and the pose input channels."""
+    """The pipeline to fine-tune: ``pretrained``, a saved photoshoot pipeline (e.g. an earlier run's
+    ``pipeline/``); else ``base`` (a Stable Diffusion folder or hub id, text-to-image or inpainting)
+    plus ``image_encoder`` (a CLIP or SigLIP folder), assembled with pose channels and a fresh
+    adapter of kind ``conditioning`` into ``<output_dir>/base``; else a tiny random pipeline written
+    there. The tiny default is cross-attention only because the reference path's long self-attention
+    makes a CPU step about six times slower.
+    ``train_unet`` also trains the whole UNet; otherwise only the adapter and the pose input channels.
+    ``lora_rank`` > 0 adds peft LoRA layers of that rank to the UNet's attention projections
+    (``lora_targets``) and trains them instead of the whole UNet (scale ``lora_alpha / lora_rank``;
+    ``lora_alpha`` 0 means equal to the rank). ``gradient_checkpointing`` trades UNet compute for memory."""
 
     pretrained: str = ""
+    base: str = ""
+    image_encoder: str = ""
     conditioning: Conditioning = "cross_attention"
     train_unet: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    gradient_checkpointing: bool = False
 
 
 @dataclass
 class OptimConfig:
-    """AdamW; ``max_steps`` counts optimizer steps, each of ``batch_size * grad_accum`` samples per process."""
+    """AdamW (``optimizer="adamw8bit"``: bitsandbytes' 8-bit AdamW, about a quarter of the optimizer memory);
+    ``max_steps`` counts optimizer steps, each of ``batch_size * grad_accum`` samples per process."""
 
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     max_steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1
@@ -73,6 +86,26 @@ class DropoutConfig:
     garment: float = 0.05
     text: float = 0.05
     both: float = 0.05
+
+
+@dataclass
+class LossConfig:
+    """Diffusion-loss options. ``snr_gamma`` > 0: min-SNR weighting (Hang et al. 2023), each timestep's
+    loss scaled by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction); 5 is the paper's value.
+    ``noise_offset`` > 0 adds a per-channel constant to the noise (lets the model learn very dark or
+    bright images; 0.05-0.1 is usual)."""
+
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights; ``decay`` 0 turns it off. The saved pipeline,
+    validation and the sample grid use the averaged weights; checkpoints hold both."""
+
+    decay: float = 0.0
+    update_after_step: int = 0
 
 
 @dataclass
@@ -114,6 +147,8 @@ class PhotoshootTrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -124,5 +159,13 @@ class PhotoshootTrainConfig:
         bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
         if bad:
             raise ConfigError(f"must be at least 1: {', '.join(bad)}")
+        if self.model.lora_rank < 0 or (self.model.lora_rank and self.model.train_unet):
+            raise ConfigError("model.lora_rank must be >= 0, and LoRA (lora_rank > 0) replaces model.train_unet=true: "
+                              f"got lora_rank={self.model.lora_rank}, train_unet={self.model.train_unet}")
+        if bool(self.model.base) != bool(self.model.image_encoder):
+            raise ConfigError("model.base and model.image_encoder go together (an SD folder and a CLIP/SigLIP "
+                              f"folder), got base={self.model.base!r}, image_encoder={self.model.image_encoder!r}")
+        if not 0.0 <= self.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         if any(v % 8 for v in self.data.resolution):
             raise ConfigError(f"data.resolution must be multiples of 8, got {list(self.data.resolution)}")

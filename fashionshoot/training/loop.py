@@ -25,6 +25,7 @@ from fashionshoot.models.denoiser import PhotoshootDenoiser
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
 from fashionshoot.models.guidance import condition_dropout
 from fashionshoot.models.pose import pose_maps
+from fashionshoot.models.unet_inputs import inpaint_inputs
 from fashionshoot.pipelines.photoshoot import PhotoshootPipeline, load_photoshoot_pipeline
 from fashionshoot.training.checkpoint import (
     TrainerState,
@@ -33,7 +34,13 @@ from fashionshoot.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from fashionshoot.training.config import DropoutConfig, PhotoshootTrainConfig
+from fashionshoot.training.config import (
+    DropoutConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    PhotoshootTrainConfig,
+)
 from fashionshoot.training.data import (
     PhotoshootCollator,
     batches_from,
@@ -42,7 +49,10 @@ from fashionshoot.training.data import (
     select,
     train_loader,
 )
+from fashionshoot.training.randomness import SampleRandomness
 
+#: Where a LoRA run also saves its LoRA layers alone (``unet.load_lora_adapter`` format), next to the pipeline.
+LORA_DIR = "unet_lora"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -63,11 +73,15 @@ class Frozen:
                                   truncation=True, return_tensors="pt").input_ids
         return self.pipe.text_encoder(ids.to(self.device))[0]
 
-    def latents(self, pixels: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Scaled VAE latents; the target is *sampled* from the posterior (as SD training does), garment
-        references use its mode (as the pipeline does at inference)."""
+    def latents(self, pixels: torch.Tensor, randomness: SampleRandomness | None = None) -> torch.Tensor:
+        """Scaled VAE latents: the posterior mode, or with ``randomness`` a posterior sample
+        ``mean + std * eps`` (SD training samples its targets; garment references use the mode)."""
         dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return (dist.sample() if sample else dist.mode()) * self.pipe.vae.config.scaling_factor
+        if randomness is None:
+            latents = dist.mode()
+        else:
+            latents = dist.mean + dist.std * randomness.randn(dist.mean.shape[1:], dist.mean.dtype)
+        return latents * self.pipe.vae.config.scaling_factor
 
     def garment_features(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         layer = self.pipe.garment_adapter.config.feature_layer
@@ -96,74 +110,131 @@ def _tracker_config(config: PhotoshootTrainConfig) -> dict[str, Any]:
     return flat(to_dict(config))
 
 
-def trainable_parameters(denoiser: PhotoshootDenoiser, train_unet: bool, latent_channels: int,
-                         weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: the adapter (decayed) and the UNet or only its pose input channels.
+def add_lora(unet: Any, model: ModelConfig) -> None:
+    """Add peft LoRA layers (Gaussian ``A``, zero ``B``: the UNet's output is unchanged at step 0)."""
+    from peft import LoraConfig
 
-    ``conv_in.weight`` holds latent and pose channels in one tensor; without ``train_unet`` a gradient
-    hook zeroes the latent part and the group has no weight decay, so only pose weights move.
+    unet.add_adapter(LoraConfig(r=model.lora_rank, lora_alpha=model.lora_alpha or model.lora_rank,
+                                init_lora_weights="gaussian", target_modules=list(model.lora_targets)))
+
+
+def trainable_parameters(denoiser: PhotoshootDenoiser, model: ModelConfig, pose_channels: int,
+                         weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the adapter (decayed) plus the whole UNet, its LoRA layers, or only its
+    pose input channels.
+
+    ``conv_in.weight`` holds latent (and inpainting) and pose channels in one tensor, pose last; when
+    only pose weights train, a gradient hook zeroes the rest and the group has no weight decay, so only pose weights move.
+    LoRA trains the pose channels too: new input channels have no pretrained weights to adapt.
     """
     denoiser.requires_grad_(False)
     denoiser.garment_adapter.requires_grad_(True)
     groups: list[dict[str, Any]] = [{"params": list(denoiser.garment_adapter.parameters()), "weight_decay": weight_decay}]
     unet = denoiser.unet
-    if train_unet:
+    if model.train_unet:
         unet.requires_grad_(True)
         groups.append({"params": list(unet.parameters()), "weight_decay": weight_decay})
-    elif unet.conv_in.in_channels > latent_channels:
+        return groups
+    if model.lora_rank:
+        lora = [p for name, p in unet.named_parameters() if "lora_" in name]
+        for param in lora:
+            param.requires_grad_(True)
+        groups.append({"params": lora, "weight_decay": weight_decay})
+    if pose_channels:
         weight = unet.conv_in.weight
         weight.requires_grad_(True)
         keep = torch.zeros_like(weight)
-        keep[:, latent_channels:] = 1.0
+        keep[:, -pose_channels:] = 1.0
         weight.register_hook(lambda grad: grad * keep)
         groups.append({"params": [weight], "weight_decay": 0.0})
     return groups
 
 
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (an optional dependency) for ``optim.optimizer="adamw8bit"``."""
+    if optim.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as err:
+            raise FashionshootError("optim.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+        return bitsandbytes.optim.AdamW8bit(groups, lr=optim.lr)
+    return torch.optim.AdamW(groups, lr=optim.lr)
+
+
+def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample min-SNR-gamma loss weights (1 everywhere when ``gamma`` is 0)."""
+    if gamma <= 0:
+        return torch.ones(len(timesteps), device=timesteps.device)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+
+
 def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: Any, batch: dict[str, Any],
-                  dropout: DropoutConfig) -> torch.Tensor:
-    """Confidence-weighted noise-prediction MSE of one batch, after condition dropout."""
+                  randomness: SampleRandomness, dropout: DropoutConfig, loss: LossConfig,
+                  weight_norm: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Confidence- (and optionally min-SNR-) weighted noise-prediction MSE of one batch, after condition dropout.
+
+    The result is ``sum(weight * mse) / weight_norm``; the loop passes ``weight_norm`` = the mean over
+    processes of their batch weight sums, so that DDP's gradient average equals the gradient of the
+    global batch's weighted mean. All random draws come from ``randomness`` in a fixed order.
+    """
     adapter = frozen.pipe.garment_adapter
     present = batch["slot_mask"].to(frozen.device)
     dropped = condition_dropout({"slot_mask": present, "prompts": batch["prompts"]},
-                                dropout.garment, dropout.text, dropout.both)
+                                dropout.garment, dropout.text, dropout.both, uniform=randomness.rand())
     with torch.no_grad():
-        target_latents = frozen.latents(batch["lookbook"], sample=True)
+        target_latents = frozen.latents(batch["lookbook"], randomness)
         text = frozen.text(dropped["prompts"])
         features = frozen.garment_features(batch["garment_clip"], present) if adapter.uses_cross_attention else None
         garment_latents = reference_context = None
         if adapter.uses_reference:
-            garment_latents = scatter_slots(frozen.latents(batch["garment_vae"], sample=False), present)
+            garment_latents = scatter_slots(frozen.latents(batch["garment_vae"]), present)
             reference_context = frozen.text([""])
         pose = None
         if frozen.pipe.pose_channels:
             pose = pose_maps(batch["keypoints"], tuple(batch["lookbook"].shape[-2:]), tuple(target_latents.shape[-2:]))
             pose = pose.to(frozen.device, frozen.dtype)
-    noise = torch.randn_like(target_latents)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(noise),), device=frozen.device)
+        inpaint = None
+        if frozen.pipe.unet_inputs.inpaint:  # inpainting base: train the regenerate-everything mode
+            inpaint = inpaint_inputs(frozen.pipe.vae, tuple(target_latents.shape[-2:]), len(target_latents))
+    timesteps = randomness.randint(noise_scheduler.config.num_train_timesteps)
+    noise = randomness.randn(target_latents.shape[1:], target_latents.dtype)
+    if loss.noise_offset:
+        noise = noise + loss.noise_offset * randomness.randn((target_latents.shape[1], 1, 1), noise.dtype)
     noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
     else:
         target = noise
     pred = denoiser(noisy, timesteps, text, dropped["slot_mask"], image_features=features,
-                    garment_latents=garment_latents, reference_context=reference_context, pose=pose)
+                    garment_latents=garment_latents, reference_context=reference_context, pose=pose,
+                    inpaint=inpaint)
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    weight = batch["weight"].to(frozen.device)
-    return (per_sample * weight).sum() / weight.sum().clamp_min(1e-8)
+    weight = batch["weight"].to(frozen.device) * min_snr_weights(noise_scheduler, timesteps, loss.snr_gamma)
+    return (per_sample * weight).sum() / weight_norm
 
 
 def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
-    """Generate the synthetic set and the tiny base pipeline if needed (main process only); the base path."""
+    """Generate the synthetic set and the base pipeline if needed (main process only); the base path."""
     load_records(config.data, out)
     if config.model.pretrained:
         return Path(config.model.pretrained)
     base = out / "base"
     if not (base / "model_index.json").is_file():
-        from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+        if config.model.base:
+            from fashionshoot.pipelines.assemble import assemble_photoshoot_pipeline
 
-        save_tiny_photoshoot_pipeline(base, conditioning=config.model.conditioning, randomize_zero_init=False,
-                                      seed=config.seed)
+            pipe = assemble_photoshoot_pipeline(config.model.base, config.model.image_encoder,
+                                                conditioning=config.model.conditioning)
+            pipe.save_pretrained(str(base))
+        else:
+            from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+
+            save_tiny_photoshoot_pipeline(base, conditioning=config.model.conditioning, randomize_zero_init=False,
+                                          seed=config.seed)
     return base
 
 
@@ -191,13 +262,69 @@ def sample_grid(pipe: PhotoshootPipeline, records: list[Any], root: Path, config
     return grid
 
 
+@dataclass
+class Trainee:
+    """What a run trains, built identically on every process (and on resume) from the config."""
+
+    pipe: PhotoshootPipeline
+    frozen: Frozen
+    denoiser: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: Any
+
+
+def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Trainee:
+    """Load the pipeline, add LoRA if asked, wrap the trained parts, and prepare them with accelerate."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    pipe = load_photoshoot_pipeline(base)
+    dtype = _DTYPES[accelerator.mixed_precision]
+    for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+        module.requires_grad_(False).eval().to(accelerator.device)
+        if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
+            module.to(dtype)
+    if config.model.lora_rank:
+        add_lora(pipe.unet, config.model)
+    if config.model.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).to(accelerator.device)
+    groups = trainable_parameters(denoiser, config.model, pipe.pose_channels, config.optim.weight_decay)
+    optimizer = make_optimizer(groups, config.optim)
+    lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
+                                 num_training_steps=config.optim.max_steps)
+    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
+    params = [p for group in groups for p in group["params"]]
+    ema = None
+    if config.ema.decay:
+        ema = EMAModel(params, decay=config.ema.decay, update_after_step=config.ema.update_after_step)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema)
+
+
+def _finish_weights(trainee: Trainee, config: PhotoshootTrainConfig, out: Path) -> None:
+    """Leave plain, final weights in the pipeline: EMA copied in, LoRA saved apart then fused and unloaded."""
+    if trainee.ema is not None:
+        trainee.ema.copy_to(trainee.params)
+    unet = trainee.pipe.unet
+    if config.model.lora_rank:
+        unet.save_lora_adapter(str(out / LORA_DIR))
+        unet.fuse_lora()
+        unet.unload_lora()
+    if trainee.frozen.dtype != torch.float32:
+        trainee.pipe.to(dtype=torch.float32)
+
+
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
-    """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of this process)
+    """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch)
     and the paths of the last checkpoint, the pipeline folder and the sample grid."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     out = Path(config.output_dir)
@@ -217,23 +344,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     records, root = load_records(config.data, out)
     train_records = select(records, config.data, config.data.train_split)
 
-    pipe = load_photoshoot_pipeline(base)
-    dtype = _DTYPES[accelerator.mixed_precision]
-    for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-        module.requires_grad_(False).eval().to(accelerator.device)
-        if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
-            module.to(dtype)
-    frozen = Frozen(pipe, accelerator.device, dtype)
-    denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).to(accelerator.device)
-    groups = trainable_parameters(denoiser, config.model.train_unet, pipe.vae.config.latent_channels,
-                                  config.optim.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.optim.lr)
-    lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
-                                 num_training_steps=config.optim.max_steps)
-    denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
+    trainee = _build(config, base, accelerator)
+    pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
     collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
     loader, sampler = train_loader(train_records, root, config.data, collator, config.optim.batch_size, config.seed,
                                    accelerator.process_index, accelerator.num_processes)
@@ -242,6 +355,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     state.config = resolved
     accelerator.init_trackers("photoshoot", config=_tracker_config(config))
     batches = batches_from(loader, sampler, state.step * config.optim.grad_accum)
+    first_position = accelerator.process_index * config.optim.batch_size
     losses: dict[int, float] = {}
     progress = tqdm(total=config.optim.max_steps, initial=state.step, desc="photoshoot",
                     disable=not accelerator.is_local_main_process)
@@ -254,16 +368,22 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             if not finite:
                 continue  # consume the window's batches so data positions stay step * grad_accum
             last = micro == config.optim.grad_accum - 1
+            randomness = SampleRandomness.for_batch(config.seed, state.step, micro, first_position,
+                                                    len(batch["weight"]), accelerator.device)
+            weight_norm = accelerator.reduce(batch["weight"].sum().to(accelerator.device), "mean")
             with contextlib.nullcontext() if last else accelerator.no_sync(denoiser):
-                loss = training_loss(denoiser, frozen, noise_scheduler, batch, config.dropout)
+                loss = training_loss(denoiser, frozen, noise_scheduler, batch, randomness, config.dropout,
+                                     config.loss, weight_norm)
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                 if finite:
                     accelerator.backward(loss / config.optim.grad_accum)
                     total += loss.detach() / config.optim.grad_accum
         if finite:
-            accelerator.clip_grad_norm_(denoiser.parameters(), config.optim.max_grad_norm)
+            accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()  # a skipped step does not advance the schedule either
+            trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
+            if trainee.ema is not None:
+                trainee.ema.step(trainee.params)
         else:
             state.nan_steps += 1
         optimizer.zero_grad(set_to_none=True)
@@ -277,10 +397,10 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                     f"the last at step {state.step}: lower optim.lr, prefer mixed_precision=bf16 to fp16, "
                     "or check the data")
             continue
-        losses[state.step] = total.item()
+        losses[state.step] = accelerator.reduce(total, "mean").item()
         progress.set_postfix(loss=f"{losses[state.step]:.4f}")
         if state.step % config.log_every == 0:
-            accelerator.log({"loss": losses[state.step], "lr": lr_scheduler.get_last_lr()[0],
+            accelerator.log({"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
                              "nan_steps": state.nan_steps}, step=state.step)
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep)
@@ -293,8 +413,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png"}
     if accelerator.is_main_process:
-        if dtype != torch.float32:
-            pipe.to(dtype=torch.float32)
+        _finish_weights(trainee, config, out)
         denoiser.eval()
         pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(str(results["pipeline"]))
