@@ -177,3 +177,71 @@ def test_tensorboard_logging_and_8bit_adam(tmp_path: Path, shared: list[str]) ->
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("loss")}
     assert logged == pytest.approx(results["losses"])
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path: Path, shared: list[str]) -> None:
+    common = [*shared, "optim.max_steps=2", "optim.warmup_steps=0", "model.train_unet=true"]
+    plain = run(_config(tmp_path / "plain", *common))
+    checkpointed = run(_config(tmp_path / "ckpt", *common, "model.gradient_checkpointing=true"))
+    assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-6)
+    a, b = _weights(plain["pipeline"]), _weights(checkpointed["pipeline"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_min_snr_weights_and_noise_offset(tmp_path: Path, shared: list[str]) -> None:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from fashionshoot.training.loop import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear")
+    timesteps = torch.tensor([0, 50, 500, 999])
+    snr = compute_snr(scheduler, timesteps)
+    weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    assert torch.allclose(weights, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert weights[0] < weights[1] < 1.0 and weights[-1] == 1.0  # only low-noise (high-SNR) steps are damped
+    assert torch.equal(min_snr_weights(scheduler, timesteps, gamma=0.0), torch.ones(4))
+
+    common = [*shared, "optim.max_steps=1", "optim.warmup_steps=0"]
+    plain = run(_config(tmp_path / "plain", *common))
+    weighted = run(_config(tmp_path / "snr", *common, "loss.snr_gamma=5", "loss.noise_offset=0.1"))
+    assert 0 < weighted["losses"][1] != plain["losses"][1]
+
+
+def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[str]) -> None:
+    import dataclasses
+
+    from fashionshoot.data.pairs import read_manifest, write_manifest
+    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
+    from fashionshoot.training.data import PhotoshootCollator, stage_batches
+
+    source = Path(shared[0].split("=", 1)[1])
+    tiers = ("high", "medium", "low")
+    records = [dataclasses.replace(r, tier=tiers[i % 3]) for i, r in enumerate(read_manifest(source))]
+    manifest = tmp_path / "pairs.jsonl"
+    write_manifest(records, manifest)
+    for image_dir in ("garments", "lookbooks"):
+        (tmp_path / image_dir).symlink_to(source.parent / image_dir)
+    config = _config(tmp_path / "run", f"data.manifest={manifest}", shared[1], "data.curriculum=[[0, low], [2, high]]",
+                     "optim.max_steps=3")
+    pipe = load_photoshoot_pipeline(config.model.pretrained)
+    collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
+    tier_of = {r.pair_id: r.tier for r in records}
+
+    def tiers_seen(step: int, batches: int) -> set[str]:
+        _, stream = stage_batches(records, tmp_path, config.data, collator, 4, 0, 0, 1, step, 1)
+        return {tier_of[p] for _ in range(batches) for p in next(stream)["pair_ids"]}
+
+    assert tiers_seen(0, 6) == {"high", "medium", "low"}
+    assert tiers_seen(2, 6) == {"high"}
+    assert run(config)["step"] == 3
+    with pytest.raises(ConfigError, match="curriculum"):
+        _config(tmp_path, "data.curriculum=[[5, low], [2, high]]")
+
+
+def test_bf16_mixed_precision_trains_and_saves_fp32(tmp_path: Path, shared: list[str]) -> None:
+    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "mixed_precision=bf16"))
+    assert all(0 < loss < 10 for loss in results["losses"].values())
+    trained = _weights(results["pipeline"])
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    assert _delta(trained, _weights(Path(shared[1].split("=", 1)[1]))) > 0

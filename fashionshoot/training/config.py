@@ -25,7 +25,10 @@ class DataConfig:
     ``<output_dir>/synthetic``. ``tier`` selects nested tiers ("medium" = high + medium);
     ``resolution`` is the lookbook ``(height, width)`` the model sees. ``slot_map`` maps a record's
     category to an outfit slot where the names differ (a category equal to a slot name maps to it).
-    ``weight_power`` turns confidence into a per-sample loss weight (0: all weights 1)."""
+    ``weight_power`` turns confidence into a per-sample loss weight (0: all weights 1).
+    ``curriculum`` (optional) replaces ``tier`` for training by stages ``[[start_step, tier], ...]``,
+    e.g. ``[[0, low], [2000, medium], [6000, high]]``: broad, noisier pairs first, then only the best
+    (the paper's tiers; nested, so "low" is every pair)."""
 
     manifest: str = ""
     synthetic: SyntheticConfig = field(default_factory=lambda: DEFAULT_SYNTHETIC)
@@ -37,6 +40,7 @@ class DataConfig:
     slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
     weight_power: float = 1.0
     num_workers: int = 0
+    curriculum: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -167,5 +171,8 @@ class PhotoshootTrainConfig:
                               f"folder), got base={self.model.base!r}, image_encoder={self.model.image_encoder!r}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
+        starts = [start for start, _ in self.data.curriculum]
+        if starts and (starts[0] != 0 or starts != sorted(set(starts))):
+            raise ConfigError(f"data.curriculum stages must start at step 0 and increase, got starts {starts}")
         if any(v % 8 for v in self.data.resolution):
             raise ConfigError(f"data.resolution must be multiples of 8, got {list(self.data.resolution)}")

@@ -39,12 +39,14 @@ def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord]
     return read_manifest(root / "pairs.jsonl"), root
 
 
-def select(records: Sequence[PairRecord], config: DataConfig, split: str) -> list[PairRecord]:
-    """The records of ``split`` at the configured tier and confidence; empty is an error naming the filter."""
-    keep = PairFilter(config.tier, min_confidence=config.min_confidence, split=split)
+def select(records: Sequence[PairRecord], config: DataConfig, split: str, tier: str | None = None) -> list[PairRecord]:
+    """The records of ``split`` at ``tier`` (default: the configured one) and confidence; empty is an
+    error naming the filter."""
+    tier = tier or config.tier
+    keep = PairFilter(tier, min_confidence=config.min_confidence, split=split)
     chosen = [r for r in records if keep.accepts(r)]
     if not chosen:
-        raise DataError(f"no pairs in split {split!r} at tier {config.tier!r} (min_confidence "
+        raise DataError(f"no pairs in split {split!r} at tier {tier!r} (min_confidence "
                         f"{config.min_confidence}) among {len(records)} records")
     return chosen
 
@@ -133,6 +135,14 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield order[first : first + self.batch_size]
 
 
+def curriculum_stage(config: DataConfig, step: int) -> tuple[int, int, str]:
+    """``(stage index, stage start step, tier)`` in force at optimizer step ``step``."""
+    stages = config.curriculum or ((0, config.tier),)
+    index = max(i for i, (start, _) in enumerate(stages) if start <= step)
+    start, tier = stages[index]
+    return index, start, tier
+
+
 def batches_from(loader: DataLoader, sampler: EpochBatchSampler, consumed: int) -> Iterator[dict[str, Any]]:
     """Endless batches, starting after the first ``consumed`` batches of the run (epochs wrap)."""
     epoch, start = divmod(consumed, len(sampler))
@@ -140,6 +150,20 @@ def batches_from(loader: DataLoader, sampler: EpochBatchSampler, consumed: int) 
         sampler.set_position(epoch, start)
         yield from loader
         epoch, start = epoch + 1, 0
+
+
+def stage_batches(records: Sequence[PairRecord], root: Path, config: DataConfig, collator: PhotoshootCollator,
+                  batch_size: int, seed: int, rank: int, world: int, step: int, grad_accum: int,
+                  ) -> tuple[int, Iterator[dict[str, Any]]]:
+    """The curriculum stage in force at optimizer ``step`` and its batches, positioned at ``step``.
+
+    Each stage has its own epoch order (seeded by ``seed + stage``); entering a stage, or resuming
+    inside one, skips the ``(step - stage start) * grad_accum`` batches already drawn from it.
+    """
+    index, start, tier = curriculum_stage(config, step)
+    chosen = select(records, config, config.train_split, tier)
+    loader, sampler = train_loader(chosen, root, config, collator, batch_size, seed + index, rank, world)
+    return index, batches_from(loader, sampler, (step - start) * grad_accum)
 
 
 def train_loader(records: Sequence[PairRecord], root: Path, config: DataConfig, collator: PhotoshootCollator,

@@ -43,11 +43,11 @@ from fashionshoot.training.config import (
 )
 from fashionshoot.training.data import (
     PhotoshootCollator,
-    batches_from,
     category_slot,
+    curriculum_stage,
     load_records,
     select,
-    train_loader,
+    stage_batches,
 )
 from fashionshoot.training.randomness import SampleRandomness
 
@@ -342,19 +342,21 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     base = _prepare_inputs(config, out)  # now only finds what the main process wrote
     records, root = load_records(config.data, out)
-    train_records = select(records, config.data, config.data.train_split)
 
     trainee = _build(config, base, accelerator)
     pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
-    loader, sampler = train_loader(train_records, root, config.data, collator, config.optim.batch_size, config.seed,
-                                   accelerator.process_index, accelerator.num_processes)
+
+    def batches_at(step: int) -> tuple[int, Any]:
+        return stage_batches(records, root, config.data, collator, config.optim.batch_size, config.seed,
+                             accelerator.process_index, accelerator.num_processes, step, config.optim.grad_accum)
+
     resolved = to_dict(config)
     state = load_checkpoint(accelerator, resume, resolved) if resume else TrainerState()
     state.config = resolved
     accelerator.init_trackers("photoshoot", config=_tracker_config(config))
-    batches = batches_from(loader, sampler, state.step * config.optim.grad_accum)
+    stage, batches = batches_at(state.step)
     first_position = accelerator.process_index * config.optim.batch_size
     losses: dict[int, float] = {}
     progress = tqdm(total=config.optim.max_steps, initial=state.step, desc="photoshoot",
@@ -362,6 +364,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     denoiser.train()
     last_checkpoint = None
     while state.step < config.optim.max_steps:
+        if curriculum_stage(config.data, state.step)[0] != stage:
+            stage, batches = batches_at(state.step)
         total, finite = torch.zeros((), device=accelerator.device), True
         for micro in range(config.optim.grad_accum):
             batch = next(batches)
