@@ -106,7 +106,7 @@ def tiny_unet(in_channels: int = 4, cross_attention_dim: int = TINY_TEXT_DIM, sa
 
 
 def tiny_vae(**overrides: Any):
-    """An AutoencoderKL with 4 latent channels and a spatial factor of 4 (two down blocks)."""
+    """An AutoencoderKL with 4 latent channels and a spatial factor of 2 (two blocks, one downsampling)."""
     from diffusers import AutoencoderKL
 
     kwargs = dict(

@@ -76,3 +76,16 @@ def test_keypoints_outside_the_image_are_not_an_error():
 def test_wrong_keypoint_shapes_raise_clear_errors(bad, message):
     with pytest.raises(DataError, match=message):
         pose_maps([bad], (32, 32), (16, 16))
+
+
+@pytest.mark.parametrize(("image_size", "latent_size"), [((512, 384), (64, 48)), ((70, 50), (9, 7)), ((32, 32), (32, 32))])
+def test_separable_pose_maps_equal_resized_full_heatmaps(image_size, latent_size):
+    import torch.nn.functional as F
+
+    from fashionshoot.data.pose import keypoint_heatmaps
+
+    rng = np.random.default_rng(0)
+    kp = np.c_[rng.uniform(-20, image_size[1] + 20, 18), rng.uniform(-20, image_size[0] + 20, 18), rng.integers(0, 2, 18)]
+    reference = F.interpolate(keypoint_heatmaps(kp, image_size)[None], size=latent_size, mode="bilinear",
+                              align_corners=False)
+    assert torch.allclose(pose_maps([kp], image_size, latent_size), reference, atol=1e-6)

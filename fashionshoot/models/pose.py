@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fashionshoot.data.pose import COCO18, POSE_FORMATS, as_keypoints, convert_keypoints, keypoint_heatmaps
+from fashionshoot.data.pose import COCO18, POSE_FORMATS, as_keypoints, convert_keypoints, default_sigma
 from fashionshoot.errors import DataError
 
 if TYPE_CHECKING:
@@ -69,13 +69,26 @@ def pose_maps(
 ) -> torch.Tensor:
     """``(B, 18, h, w)`` pose input for a batch of keypoint arrays in image pixels (``None``: no pose).
 
-    Heatmaps are drawn at ``image_size`` ``(height, width)`` then bilinearly resized to
-    ``latent_size``, as Fashion-RAG does. Joints outside the image are kept, not clamped: only their
-    Gaussian tail (usually nothing) reaches the frame, which is what a crop that cut them off shows.
+    Equal to drawing :func:`~fashionshoot.data.pose.keypoint_heatmaps` at ``image_size`` ``(height,
+    width)`` and bilinearly resizing them to ``latent_size``, as Fashion-RAG does, but computed
+    separably: a Gaussian is the product of an x- and a y-Gaussian and bilinear resizing acts on each
+    axis alone, so two 1-D resizes and an outer product give the same maps (to float rounding) about
+    300x faster at 512x384, where drawing full-size maps would cost more than a GPU training step.
+    Joints outside the image are kept, not clamped: only their Gaussian tail (usually nothing) reaches
+    the frame, which is what a crop that cut them off shows.
     """
-    maps = [
-        keypoint_heatmaps(to_coco18(kp, where=f"keypoints[{i}]"), image_size, sigma)
-        if kp is not None else torch.zeros(POSE_CHANNELS, *image_size)
-        for i, kp in enumerate(keypoints)
-    ]
-    return F.interpolate(torch.stack(maps), size=latent_size, mode="bilinear", align_corners=False)
+    height, width = image_size
+    sigma = default_sigma(height) if sigma is None else float(sigma)
+    if sigma <= 0:
+        raise DataError(f"heatmap sigma must be positive, got {sigma}")
+    kp = torch.zeros(len(keypoints), POSE_CHANNELS, 3)
+    for i, points in enumerate(keypoints):
+        if points is not None:
+            kp[i] = torch.from_numpy(as_keypoints(to_coco18(points, where=f"keypoints[{i}]")))
+    ys = torch.arange(height, dtype=torch.float32)
+    xs = torch.arange(width, dtype=torch.float32)
+    gy = torch.exp(-((ys - kp[..., 1:2]) ** 2) / sigma**2)  # (B, K, H)
+    gx = torch.exp(-((xs - kp[..., 0:1]) ** 2) / sigma**2) * (kp[..., 2:3] > 0).float()  # (B, K, W)
+    gy = F.interpolate(gy, size=latent_size[0], mode="linear", align_corners=False)
+    gx = F.interpolate(gx, size=latent_size[1], mode="linear", align_corners=False)
+    return gy[..., :, None] * gx[..., None, :]
