@@ -1,4 +1,4 @@
-"""Detector adapter (tiny OWLv2), crops and view pooling, categorisers, fuzzy metadata matching."""
+"""Detector adapters (tiny OWLv2 and Grounding DINO), crops and view pooling, categorisers, fuzzy metadata matching."""
 
 from __future__ import annotations
 
@@ -18,12 +18,19 @@ from fashionshoot.retrieval.detect import (
     view_boxes,
 )
 from fashionshoot.retrieval.encoders import HistogramEncoder
-from fashionshoot.retrieval.testing_detect import save_tiny_owlv2
+from fashionshoot.retrieval.testing_detect import save_tiny_grounding_dino, save_tiny_owlv2
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @pytest.fixture(scope="module")
 def tiny_owlv2(tmp_path_factory):
     return save_tiny_owlv2(tmp_path_factory.mktemp("owlv2"))
+
+
+@pytest.fixture(scope="module")
+def tiny_grounding_dino(tmp_path_factory):
+    return save_tiny_grounding_dino(tmp_path_factory.mktemp("grounding_dino"))
 
 
 def test_owlv2_adapter_returns_boxes_in_image_pixels_and_crops(tiny_owlv2):
@@ -52,6 +59,54 @@ def test_owlv2_adapter_returns_boxes_in_image_pixels_and_crops(tiny_owlv2):
     for box in boxes[:-1]:
         piece = crop(wide, box)
         assert abs(piece.width - (box[2] - box[0])) <= 1 and abs(piece.height - (box[3] - box[1])) <= 1
+
+
+def test_grounding_dino_adapter_labels_boxes_by_query_tokens(tiny_grounding_dino):
+    from transformers import GroundingDinoForObjectDetection
+
+    detector = TransformersDetector(str(tiny_grounding_dino), threshold=0.0, text_threshold=0.0, nms_iou=1.0)
+    assert detector.model_type == "grounding-dino" and isinstance(detector.model, GroundingDinoForObjectDetection)
+    assert type(detector.processor.tokenizer).__name__ == "BertTokenizer"
+    wide, tall = Image.new("RGB", (120, 40), (200, 30, 30)), Image.new("RGB", (30, 90), (30, 30, 200))
+    queries = ["a photo of a skirt", "a photo of a top"]
+    found = detector.detect([wide, tall], queries)
+    assert [len(dets) for dets in found] == [16, 16], "threshold 0 and no NMS: every one of the 16 queries"
+    for image, dets in zip((wide, tall), found, strict=True):
+        assert {d.label for d in dets} <= set(queries)
+        for d in dets:
+            x1, y1, x2, y2 = d.box
+            assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
+    # independent check on the wide image alone: token spans of each query in "[CLS] q1 . q2 . [SEP]",
+    # per-query score = best token probability, boxes scaled by the image itself (no square padding)
+    inputs = detector.processor(text=[queries], images=[wide], return_tensors="pt")
+    tokens = detector.processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    assert tokens == ["[CLS]", "a", "photo", "of", "a", "skirt", ".", "a", "photo", "of", "a", "top", ".", "[SEP]"]
+    with torch.no_grad():
+        raw = detector.model(**inputs)
+    probs = raw.logits[0].sigmoid()
+    per_query = torch.stack([probs[:, 1:6].amax(1), probs[:, 7:12].amax(1)], dim=1)
+    best_score, best_label = per_query.max(1)
+    best = int(best_score.argmax())
+    cx, cy, w, h = (raw.pred_boxes[0, best] * torch.tensor([120.0, 40.0, 120.0, 40.0])).tolist()
+    alone = detector.detect([wide], queries)[0]
+    top = max(alone, key=lambda d: d.score)
+    assert top.score == pytest.approx(float(best_score[best]), abs=1e-5)
+    assert top.label == queries[int(best_label[best])]
+    assert top.box == pytest.approx(clip_box((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), wide.size), abs=1e-3)
+    assert sorted(d.label for d in alone) == sorted(queries[int(i)] for i in best_label)
+    boxes = view_boxes(found[0], wide.size, max_crops=2, min_side=1.0)
+    assert 1 <= len(boxes) <= 3 and boxes[-1] == full_box(wide.size)
+    for box in boxes[:-1]:  # crops are rounded outwards: at most one pixel more on each side
+        piece = crop(wide, box)
+        assert 0 <= piece.width - (box[2] - box[0]) < 2 and 0 <= piece.height - (box[3] - box[1]) < 2
+
+
+def test_grounding_dino_finding_nothing_leaves_the_full_image(tiny_grounding_dino):
+    strict = TransformersDetector(str(tiny_grounding_dino), threshold=1.0)
+    image = Image.new("RGB", (70, 50), (20, 160, 60))
+    assert strict.detect([image], ["a photo of a dress"]) == [[]]
+    assert view_boxes([], image.size) == [full_box(image.size)]
+    assert strict.detect([image], []) == [[]]
 
 
 def test_no_usable_detection_falls_back_to_the_full_image():

@@ -122,7 +122,10 @@ class TransformersDetector:
 
     OWLv2 pads every image to a square before predicting, so its boxes are relative to that square:
     they are converted with the padded side as target size and then clipped to the real image, which
-    is the usual source of "boxes shifted on non-square images" bugs.
+    is the usual source of "boxes shifted on non-square images" bugs. Grounding DINO's boxes are
+    relative to the image itself. ``threshold`` is the minimum box score; ``text_threshold`` applies
+    to Grounding DINO only, where a box belongs to the query whose prompt tokens score highest and
+    must reach both thresholds (see :meth:`_grounded`).
     """
 
     def __init__(self, name_or_path: str, threshold: float = 0.1, text_threshold: float = 0.25,
@@ -161,27 +164,82 @@ class TransformersDetector:
         else:
             targets = [(im.height, im.width) for im in images]
         if self.model_type == "grounding-dino":
-            results = self.processor.post_process_grounded_object_detection(
-                outputs, inputs["input_ids"], threshold=self.threshold, text_threshold=self.text_threshold,
-                target_sizes=targets, text_labels=texts)
-        else:
-            results = self.processor.post_process_grounded_object_detection(
-                outputs, threshold=self.threshold, target_sizes=targets, text_labels=texts)
-        return [self._to_detections(r, im.size, queries) for r, im in zip(results, images, strict=True)]
+            return self._grounded(outputs, inputs["input_ids"], targets, images, queries)
+        results = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=self.threshold, target_sizes=targets, text_labels=texts)
+        out = []
+        for r, im in zip(results, images, strict=True):
+            labels = [_match_query(str(t), queries) for t in r["text_labels"]]
+            keep = [i for i, label in enumerate(labels) if label is not None]
+            out.append(self._to_detections(r["boxes"][keep], r["scores"][keep],
+                                           torch.tensor([queries.index(labels[i]) for i in keep], dtype=torch.long),
+                                           im.size, queries))
+        return out
 
-    def _to_detections(self, result: dict, size: tuple[int, int], queries: list[str]) -> list[Detection]:
+    def _grounded(self, outputs, input_ids: torch.Tensor, targets: list[tuple[int, int]],
+                  images: list[Image.Image], queries: list[str]) -> list[list[Detection]]:
+        """Grounding DINO: each box scores every prompt *token*; a box's query is the one whose tokens
+        score highest (its score: that maximum, kept above ``threshold`` and ``text_threshold``).
+
+        The processor's own labels decode the tokens above ``text_threshold`` into text, which for
+        several queries in one prompt often spans two of them or only their shared words ("a photo
+        of"); reading the per-query token spans avoids that guesswork. Falls back to matching the
+        decoded text when the prompt does not split into one span per query.
+        """
+        spans = _query_spans(input_ids, self.processor.tokenizer, len(queries), outputs.logits.shape[-1])
+        # Boxes come from the processor (its conversion to pixels), all of them, in query order.
+        results = self.processor.post_process_grounded_object_detection(
+            outputs, input_ids, threshold=float("-inf"), text_threshold=self.text_threshold, target_sizes=targets)
+        out = []
+        for b, (r, im) in enumerate(zip(results, images, strict=True)):
+            if spans[b] is None:
+                labels = [_match_query(str(t), queries) for t in r["text_labels"]]
+                per_query = torch.full((len(labels), len(queries)), float("-inf"))
+                for i, label in enumerate(labels):
+                    if label is not None:
+                        per_query[i, queries.index(label)] = float(r["scores"][i])
+            else:
+                probs = outputs.logits[b].float().sigmoid().cpu()
+                per_query = torch.stack([probs[:, span].amax(dim=1) for span in spans[b]], dim=1)
+            scores, labels = per_query.max(dim=1)
+            keep = (scores > self.threshold) & (scores > self.text_threshold)
+            out.append(self._to_detections(r["boxes"][keep], scores[keep], labels[keep], im.size, queries))
+        return out
+
+    def _to_detections(self, boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
+                       size: tuple[int, int], queries: list[str]) -> list[Detection]:
+        """Per-query NMS over boxes in pixels; ``groups[i]`` is the index of box ``i``'s query."""
         from torchvision.ops import batched_nms
 
-        labels = [_match_query(str(t), queries) for t in result["text_labels"]]
-        keep = [i for i, label in enumerate(labels) if label is not None]
-        if not keep:
+        if not len(boxes):
             return []
-        boxes = result["boxes"][keep].float().cpu()
-        scores = result["scores"][keep].float().cpu()
-        groups = torch.tensor([queries.index(labels[i]) for i in keep])
+        boxes, scores, groups = boxes.float().cpu(), scores.float().cpu(), groups.cpu()
         kept = batched_nms(boxes, scores, groups, self.nms_iou)
         return [Detection(clip_box(boxes[i].tolist(), size), float(scores[i]), queries[int(groups[i])])
                 for i in kept.tolist()]
+
+
+def _query_spans(input_ids: torch.Tensor, tokenizer, num_queries: int, max_len: int) -> list[list[list[int]] | None]:
+    """Per prompt, the token positions of each query (``[CLS] q1 . q2 . [SEP]``), or None when the
+    prompt does not split into exactly ``num_queries`` spans (e.g. a query containing a full stop, or
+    a prompt cut at the model's ``max_text_len``)."""
+    separators = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                  tokenizer.convert_tokens_to_ids(".")}
+    out: list[list[list[int]] | None] = []
+    for ids in input_ids[:, :max_len].tolist():
+        spans: list[list[int]] = []
+        current: list[int] = []
+        for position, token in enumerate(ids):
+            if token in separators:
+                if current:
+                    spans.append(current)
+                current = []
+            else:
+                current.append(position)
+        if current:
+            spans.append(current)
+        out.append(spans if len(spans) == num_queries else None)
+    return out
 
 
 def _match_query(text: str, queries: list[str]) -> str | None:
