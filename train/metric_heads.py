@@ -18,9 +18,12 @@ from fashionshoot.retrieval.training import MetricHeadsConfig, run
 
 
 def main(argv: list[str]) -> int:
+    from accelerate import PartialState
+
     config = config_from_argv(MetricHeadsConfig, argv)
     results = run(config)
-    print(json.dumps({"before": results["before"], "after": results["after"]}, indent=1))
+    if PartialState().is_main_process:  # every process returns the results; print them once
+        print(json.dumps({"before": results["before"], "after": results["after"]}, indent=1))
     return 0
 
 

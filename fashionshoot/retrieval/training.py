@@ -10,7 +10,8 @@ Evaluation is lookbook -> garment retrieval on the test split (garments held out
 head must generalise to unseen garments), reported as R@k for the untrained and trained heads, the
 zero-shot backbone and the fused ensemble of the trained heads. Under ``accelerate launch`` every
 process computes the feature cache, samples different batches and gradients are averaged (DDP);
-process 0 evaluates and writes. Outputs in ``output_dir``: ``heads/<kind>/`` (loadable with
+the replicas stay identical (``results["replica_spread"]``, the largest parameter difference between
+processes, is 0.0), every process evaluates the same heads and process 0 alone writes. Outputs in ``output_dir``: ``heads/<kind>/`` (loadable with
 :meth:`~fashionshoot.retrieval.heads.MetricHead.from_pretrained`), ``ensemble.yaml`` (an
 :class:`~fashionshoot.retrieval.ensemble.EnsembleConfig` of the trained heads), ``results.json``,
 ``log.jsonl`` and the resolved ``config.yaml``.
@@ -279,6 +280,15 @@ def train_head(head: MetricHead, data: TrainingSet, optim: OptimConfig, accelera
     return losses
 
 
+def replica_spread(module: torch.nn.Module, accelerator: Any) -> float:
+    """Largest absolute difference of any parameter of ``module`` between processes (0.0 in a single
+    process). DDP starts every replica from process 0's weights and applies the same averaged
+    gradients, so anything but 0.0 means the replicas drifted apart (recorded in ``results.json``)."""
+    flat = torch.cat([p.detach().float().flatten() for p in module.parameters()]).to(accelerator.device)
+    gathered = accelerator.gather(flat[None])
+    return float((gathered - gathered[:1]).abs().max())
+
+
 def _backbone(config: BackboneConfig, output_dir: Path, device: str) -> tuple[Backend, str, Any]:
     path = config.path
     if not path:
@@ -334,6 +344,7 @@ def run(config: MetricHeadsConfig) -> dict[str, Any]:
         losses = train_head(head, train_set, config.optim, accelerator, log)
         window = losses[-config.optim.log_every:]
         results["final_loss"][kind] = sum(window) / len(window)
+        results.setdefault("replica_spread", {})[kind] = replica_spread(head, accelerator)
         trained[kind] = HeadEncoder(extract, accelerator.unwrap_model(head).eval(), name=kind)
 
     # The zero-shot backbone, as the paper's SigLIP2 member: its own embeddings of the held-out views.
@@ -344,6 +355,7 @@ def run(config: MetricHeadsConfig) -> dict[str, Any]:
     embedded = {**{k: embed_held_out(m, held_out) for k, m in trained.items()}, "backbone": zero_shot}
     fuse = [*trained, *(["backbone"] if config.eval.fuse_backbone else [])]
     results["after"] = held_out_recall(members, embedded, ks, fusion, fuse)
+    results["processes"] = accelerator.num_processes
     results["protocol"] = {"queries": "test lookbooks" + (" (crop_box views)" if config.data.crop_lookbooks else ""),
                            "gallery": "test garments", "queries_n": len(held_out.queries),
                            "gallery_n": len(held_out.gallery), "train_classes": train_set.num_classes,
