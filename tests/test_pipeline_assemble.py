@@ -74,7 +74,7 @@ def test_training_from_an_inpainting_base_moves_only_pose_input_weights(tiny_mod
 
     config = config_from_argv(PhotoshootTrainConfig, [
         f"output_dir={tmp_path}", f"model.base={tiny_models['sd_inpaint']}", f"model.image_encoder={tiny_models['clip']}",
-        "optim.max_steps=2", "optim.warmup_steps=0", "optim.batch_size=2", "sample.steps=1", "sample.num_pairs=1",
+        "optim.max_steps=2", "optim.warmup_steps=0", "optim.batch_size=2", "validation.steps=1", "validation.num_pairs=2", "validation.grid_rows=1",
         "log_with=none", "data.synthetic.num_garments=6", "data.resolution=[32,32]",
     ])
     results = run(config)

@@ -57,7 +57,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     base = save_tiny_photoshoot_pipeline(tmp_path / "base", conditioning="cross_attention", randomize_zero_init=False)
     # Dropout probabilities high enough that condition dropout happens within three steps.
     common = [f"data.manifest={tmp_path / 'synthetic' / 'pairs.jsonl'}", f"model.pretrained={base}",
-              f"optim.max_steps={STEPS}", "optim.warmup_steps=0", "sample.steps=1", "sample.num_pairs=1",
+              f"optim.max_steps={STEPS}", "optim.warmup_steps=0", "validation.steps=1", "validation.num_pairs=2", "validation.grid_rows=1",
               "log_with=none", "dropout.garment=0.2", "dropout.text=0.2", "dropout.both=0.1"]
     one = _train(tmp_path / "one", common, processes=1, batch_size=4)
     two = _train(tmp_path / "two", common, processes=2, batch_size=2)

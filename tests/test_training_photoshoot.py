@@ -18,7 +18,7 @@ from fashionshoot.training.data import load_records
 ROOT = Path(__file__).resolve().parent.parent
 TINY_YAML = ROOT / "configs" / "photoshoot_tiny.yaml"
 #: Few, small steps: every test run is plumbing, not learning.
-FAST = ["optim.batch_size=2", "sample.steps=1", "sample.num_pairs=1", "log_with=none"]
+FAST = ["optim.batch_size=2", "validation.steps=1", "validation.num_pairs=2", "validation.grid_rows=1", "log_with=none"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +43,8 @@ def _config(out: Path, *overrides: str) -> PhotoshootTrainConfig:
 def test_default_config_end_to_end(tmp_path: Path) -> None:
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
 
-    results = run(_config(tmp_path, "optim.max_steps=2", "checkpoint.every=1", "checkpoint.keep=1"))
+    results = run(_config(tmp_path, "optim.max_steps=2", "checkpoint.every=1", "checkpoint.keep=1",
+                          "validation.every=1"))
     assert results["step"] == 2 and results["nan_steps"] == 0 and set(results["losses"]) == {1, 2}
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000002"]  # rotated, keep=1
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -52,6 +53,10 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     assert pipe.pose_channels == 18
     with Image.open(results["grid"]) as grid:
         assert grid.size == (3 * 48, 64)  # garment | generated | ground truth, one test pair
+    assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == ["step-00000001.png", "step-00000002.png"]
+    table = results["metrics"].read_text().splitlines()
+    assert table[0].startswith("| step | garment_r@1") and [row.split("|")[1].strip() for row in table[2:]] == ["1", "2"]
+    assert {"garment_r@1", "chance_r@1", "oracle_r@1", "pose_accuracy"} <= set(results["validation"])
 
 
 def _weights(pipeline: Path) -> dict[str, torch.Tensor]:
@@ -240,8 +245,17 @@ def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[s
 
 
 def test_bf16_mixed_precision_trains_and_saves_fp32(tmp_path: Path, shared: list[str]) -> None:
-    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "mixed_precision=bf16"))
+    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "mixed_precision=bf16",
+                          "validation.every=1"))  # validation mid-run sees bf16 encoders, fp32 trained parts
     assert all(0 < loss < 10 for loss in results["losses"].values())
     trained = _weights(results["pipeline"])
     assert {v.dtype for v in trained.values()} == {torch.float32}
     assert _delta(trained, _weights(Path(shared[1].split("=", 1)[1]))) > 0
+
+
+def test_prediction_type_is_retargeted_and_saved(tmp_path: Path, shared: list[str]) -> None:
+    from diffusers import DDIMScheduler
+
+    results = run(_config(tmp_path, *shared, "optim.max_steps=1", "model.prediction_type=sample"))
+    assert DDIMScheduler.from_pretrained(results["pipeline"], subfolder="scheduler").config.prediction_type == "sample"
+    assert 0 < results["losses"][1] < 10

@@ -23,9 +23,9 @@ from fashionshoot.errors import ConfigError
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-#: Config keys (dotted prefixes) a resumed run may change: run length, logging, saving, sampling.
+#: Config keys (dotted prefixes) a resumed run may change: run length, logging, saving, validation.
 RESUMABLE_CHANGES: tuple[str, ...] = (
-    "output_dir", "log_with", "log_every", "max_nan_steps", "optim.max_steps", "checkpoint.", "sample.",
+    "output_dir", "log_with", "log_every", "max_nan_steps", "optim.max_steps", "checkpoint.", "validation.",
     "data.num_workers",
 )
 

@@ -54,7 +54,9 @@ class ModelConfig:
     ``train_unet`` also trains the whole UNet; otherwise only the adapter and the pose input channels.
     ``lora_rank`` > 0 adds peft LoRA layers of that rank to the UNet's attention projections
     (``lora_targets``) and trains them instead of the whole UNet (scale ``lora_alpha / lora_rank``;
-    ``lora_alpha`` 0 means equal to the rank). ``gradient_checkpointing`` trades UNet compute for memory."""
+    ``lora_alpha`` 0 means equal to the rank). ``gradient_checkpointing`` trades UNet compute for memory.
+    ``prediction_type`` ("" keeps the base scheduler's) retargets the UNet: ``epsilon``, ``v_prediction``
+    or ``sample`` (x0); the pipeline is saved with it so sampling matches."""
 
     pretrained: str = ""
     base: str = ""
@@ -65,6 +67,7 @@ class ModelConfig:
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     gradient_checkpointing: bool = False
+    prediction_type: Literal["", "epsilon", "v_prediction", "sample"] = ""
 
 
 @dataclass
@@ -124,14 +127,24 @@ class CheckpointConfig:
 
 
 @dataclass
-class SampleConfig:
-    """The final sample grid: ``num_pairs`` test pairs, rows garment | generated | ground truth."""
+class ValidationConfig:
+    """Validation on held-out (``data.test_split``) pairs every ``every`` optimizer steps (0: only at the
+    end) and at the end, see :mod:`fashionshoot.training.validation`: one generation per pair for
+    ``num_pairs`` pairs (0: all; one per garment first), a PNG grid (garment | generated | ground truth,
+    ``grid_rows`` rows) and metrics: garment-fidelity R@k (with chance and oracle) and pose following.
+    ``encoder`` embeds garments for R@k: ``histogram`` (training-free colour histogram, right for the
+    synthetic set) or a CLIP/SigLIP folder or hub id. ``prompts``: ``empty`` (garment and pose only, so
+    identity cannot come from the caption) or ``caption``."""
 
-    num_pairs: int = 4
+    every: int = 0
+    num_pairs: int = 16
+    grid_rows: int = 4
     steps: int = 20
     guidance_text: float = 3.0
     guidance_garment: float = 3.0
     seed: int = 0
+    prompts: Literal["empty", "caption"] = "empty"
+    encoder: str = "histogram"
 
 
 @dataclass
@@ -154,12 +167,13 @@ class PhotoshootTrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         positive = {"optim.max_steps": self.optim.max_steps, "optim.batch_size": self.optim.batch_size,
                     "optim.grad_accum": self.optim.grad_accum, "checkpoint.every": self.checkpoint.every,
-                    "checkpoint.keep": self.checkpoint.keep, "log_every": self.log_every}
+                    "checkpoint.keep": self.checkpoint.keep, "log_every": self.log_every,
+                    "validation.grid_rows": self.validation.grid_rows, "validation.steps": self.validation.steps}
         bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
         if bad:
             raise ConfigError(f"must be at least 1: {', '.join(bad)}")

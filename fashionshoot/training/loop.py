@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from fashionshoot.config import save_config, to_dict
+from fashionshoot.data.records import PairRecord
 from fashionshoot.errors import FashionshootError
 from fashionshoot.models.denoiser import PhotoshootDenoiser
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
@@ -43,16 +45,18 @@ from fashionshoot.training.config import (
 )
 from fashionshoot.training.data import (
     PhotoshootCollator,
-    category_slot,
     curriculum_stage,
     load_records,
     select,
     stage_batches,
 )
 from fashionshoot.training.randomness import SampleRandomness
+from fashionshoot.training.validation import ValidationResult, settings_from, validate
 
 #: Where a LoRA run also saves its LoRA layers alone (``unet.load_lora_adapter`` format), next to the pipeline.
 LORA_DIR = "unet_lora"
+#: Validation grids (``step-<step>.png``) and ``metrics.jsonl`` (one row per validation).
+VALIDATION_DIR = "validation"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -169,7 +173,8 @@ def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float)
 
     snr = compute_snr(noise_scheduler, timesteps).float()
     clipped = snr.clamp(max=gamma)
-    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
+    prediction = noise_scheduler.config.prediction_type
+    return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(prediction, clipped / snr)
 
 
 def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: Any, batch: dict[str, Any],
@@ -205,10 +210,9 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     if loss.noise_offset:
         noise = noise + loss.noise_offset * randomness.randn((target_latents.shape[1], 1, 1), noise.dtype)
     noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
+    target = {"epsilon": noise, "sample": target_latents}.get(noise_scheduler.config.prediction_type)
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(target_latents, noise, timesteps)
-    else:
-        target = noise
     pred = denoiser(noisy, timesteps, text, dropped["slot_mask"], image_features=features,
                     garment_latents=garment_latents, reference_context=reference_context, pose=pose,
                     inpaint=inpaint)
@@ -238,30 +242,6 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
     return base
 
 
-def sample_grid(pipe: PhotoshootPipeline, records: list[Any], root: Path, config: PhotoshootTrainConfig,
-                collator: PhotoshootCollator) -> Image.Image:
-    """Rows of garment | generated | ground truth for the first ``sample.num_pairs`` test garments."""
-    from fashionshoot.data.pairs import PairManifestDataset
-
-    height, width = config.data.resolution
-    first = list({r.garment_id: r for r in reversed(records)}.values())[::-1][: config.sample.num_pairs]
-    dataset = PairManifestDataset(first, root)
-    samples = [dataset[i] for i in range(len(dataset))]
-    batch = collator(samples)
-    outfits = [{pipe.slots[category_slot(s["record"].category, pipe.slots, config.data.slot_map)]: s["garment"]}
-               for s in samples]
-    generated = pipe(garments=outfits, keypoints=batch["keypoints"], prompt=batch["prompts"], height=height,
-                     width=width, num_inference_steps=config.sample.steps,
-                     guidance_scale_text=config.sample.guidance_text,
-                     guidance_scale_garment=config.sample.guidance_garment,
-                     generator=torch.Generator().manual_seed(config.sample.seed)).images
-    grid = Image.new("RGB", (3 * width, len(samples) * height))
-    for row, (sample, image) in enumerate(zip(samples, generated, strict=True)):
-        for col, tile in enumerate((sample["garment"], image, sample["lookbook"])):
-            grid.paste(tile.convert("RGB").resize((width, height)), (col * width, row * height))
-    return grid
-
-
 @dataclass
 class Trainee:
     """What a run trains, built identically on every process (and on resume) from the config."""
@@ -286,6 +266,8 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
         module.requires_grad_(False).eval().to(accelerator.device)
         if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
             module.to(dtype)
+    if config.model.prediction_type:  # saved with the pipeline, so sampling uses the trained parameterisation
+        pipe.scheduler.register_to_config(prediction_type=config.model.prediction_type)
     if config.model.lora_rank:
         add_lora(pipe.unet, config.model)
     if config.model.gradient_checkpointing:
@@ -319,6 +301,61 @@ def _finish_weights(trainee: Trainee, config: PhotoshootTrainConfig, out: Path) 
         trainee.pipe.to(dtype=torch.float32)
 
 
+def validation_encoder(name: str, device: torch.device) -> Any:
+    """The garment encoder of garment-fidelity R@k: the colour histogram, or a CLIP/SigLIP model."""
+    from fashionshoot.retrieval.encoders import HistogramEncoder, TransformersEncoder
+
+    return HistogramEncoder(bins=6) if name == "histogram" else TransformersEncoder(name, device=device)
+
+
+@contextlib.contextmanager
+def averaged_weights(trainee: Trainee) -> Iterator[None]:
+    """Swap the EMA weights in for the duration (a no-op without EMA), and eval mode."""
+    trainee.denoiser.eval()
+    if trainee.ema is not None:
+        trainee.ema.store(trainee.params)
+        trainee.ema.copy_to(trainee.params)
+    try:
+        yield
+    finally:
+        if trainee.ema is not None:
+            trainee.ema.restore(trainee.params)
+        trainee.denoiser.train()
+
+
+def run_validation(trainee: Trainee, config: PhotoshootTrainConfig, records: list[PairRecord], root: Path,
+                   out: Path, step: int, encoder: Any) -> ValidationResult:
+    """Validate the current pipeline; write ``validation/step-<step>.png`` and append to ``metrics.jsonl``."""
+    trainee.pipe.set_progress_bar_config(disable=True)
+    result = validate(trainee.pipe, records, root, settings_from(config), encoder)
+    folder = out / VALIDATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    result.grid(config.validation.grid_rows).save(folder / f"step-{step:08d}.png")
+    with open(folder / "metrics.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"step": step, **result.metrics}) + "\n")
+    return result
+
+
+def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
+    """Markdown table of validation rows (one per validated step): fidelity vs chance/oracle, pose following."""
+    columns = [c for c in ("step", "garment_r@1", "garment_r@5", "chance_r@1", "oracle_r@1", "pose_accuracy",
+                           "pose_contrast", "oracle_pose_accuracy", "num_pairs") if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.0f}" if c in ("step", "num_pairs") else f"{row[c]:.3f}" if c in row else "" for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _forget_accelerate_state() -> None:
+    """Reset accelerate's process-wide singletons, so another ``run`` in this process (a notebook, a
+    sweep) may choose a different mixed precision or device."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch)
     and the paths of the last checkpoint, the pipeline folder and the sample grid."""
@@ -342,6 +379,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     base = _prepare_inputs(config, out)  # now only finds what the main process wrote
     records, root = load_records(config.data, out)
+    test_records = select(records, config.data, config.data.test_split)
 
     trainee = _build(config, base, accelerator)
     pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
@@ -356,6 +394,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     state = load_checkpoint(accelerator, resume, resolved) if resume else TrainerState()
     state.config = resolved
     accelerator.init_trackers("photoshoot", config=_tracker_config(config))
+    encoder = validation_encoder(config.validation.encoder, accelerator.device) if accelerator.is_main_process else None
     stage, batches = batches_at(state.step)
     first_position = accelerator.process_index * config.optim.batch_size
     losses: dict[int, float] = {}
@@ -408,6 +447,13 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                              "nan_steps": state.nan_steps}, step=state.step)
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep)
+        every = config.validation.every
+        if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
+            if accelerator.is_main_process:
+                with averaged_weights(trainee):
+                    metrics = run_validation(trainee, config, test_records, root, out, state.step, encoder).metrics
+                accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
+            accelerator.wait_for_everyone()
     progress.close()
     if last_checkpoint is None:  # resumed at (or past) max_steps: nothing trained, point at what exists
         found = checkpoints(out)
@@ -415,14 +461,20 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
 
     results: dict[str, Any] = {"step": state.step, "nan_steps": state.nan_steps, "losses": losses,
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
-                               "grid": out / "samples.png"}
+                               "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
     if accelerator.is_main_process:
         _finish_weights(trainee, config, out)
         denoiser.eval()
-        pipe.set_progress_bar_config(disable=True)
         pipe.save_pretrained(str(results["pipeline"]))
-        test_records = select(records, config.data, config.data.test_split)
-        sample_grid(pipe, test_records, root, config, collator).save(results["grid"])
+        final = run_validation(trainee, config, test_records, root, out, state.step, encoder)
+        final.grid(config.validation.grid_rows).save(results["grid"])
+        results["validation"] = final.metrics
+        accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)
+        logged = [json.loads(line) for line in (out / VALIDATION_DIR / "metrics.jsonl").read_text().splitlines()]
+        rows = sorted({row["step"]: row for row in logged}.values(), key=lambda row: row["step"])  # reruns: last wins
+        (out / "metrics.json").write_text(json.dumps(final.metrics, indent=1) + "\n")
+        results["metrics"].write_text(metrics_table(rows))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after it
+    _forget_accelerate_state()
     return results

@@ -1,0 +1,306 @@
+"""Validation of a photoshoot generator on held-out pairs: does it show *the* garment, in *the* pose?
+
+:func:`validate` generates one image per test pair (the pair's garment in its slot, the pair's pose,
+no text by default so only the garment can carry identity) and measures:
+
+* **Garment fidelity R@k** (:class:`~fashionshoot.metrics.fidelity.GarmentRetrievalRecall`): each
+  generation is a query against a gallery of every distinct test garment (product shots); a hit is
+  its own source garment. Where a record has a ``crop_box``, the query is the generation cropped to
+  that box (the garment's place in the ground-truth lookbook of the same pose, scaled to the output
+  size): a detector crop with a known box, so the scene around the figure does not dominate the
+  embedding. The default encoder is the training-free colour :class:`~fashionshoot.retrieval.encoders.
+  HistogramEncoder`; reported with ``chance_r@k`` (k / gallery size) and ``oracle_r@k`` (the same
+  protocol applied to the ground-truth lookbooks at the output size: the ceiling of this encoder).
+* **Pose following**: where the garment's colours appear along the bones of the given pose versus
+  along the bones of *other* test pairs' poses. For pair ``i`` a likeness map ``L_i`` scores every
+  generated pixel by its colour distance to the nearest colour of garment ``i`` (product shot,
+  background removed); ``E_i(pose)`` is the mean of ``L_i`` at points along the pose's COCO-18 bones,
+  each bone weighted by how much of garment ``i`` the ground-truth lookbook shows on it (so a skirt is
+  looked for on the legs, a top on the torso and arms). ``pose_own`` is ``E_i(pose_i)``,
+  ``pose_other`` the mean of ``E_i(pose_j)`` over ``j != i``, ``pose_contrast`` their difference and
+  ``pose_accuracy`` the fraction of ``(i, j)`` with ``E_i(pose_i) > E_i(pose_j)`` (chance 0.5). A
+  model that ignores the pose, or puts the garment anywhere else, scores contrast ~0 and accuracy
+  ~0.5; ``oracle_pose_*`` are the same numbers for the ground-truth lookbooks.
+
+Everything is deterministic given the pipeline, the records and :class:`ValidationSettings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fashionshoot.data.records import PairRecord
+from fashionshoot.errors import DataError
+
+#: COCO-18 bones the pose score samples: torso outline and diagonals, arms, legs (no face).
+BONES: tuple[tuple[int, int], ...] = (
+    (1, 2), (1, 5), (2, 5), (2, 3), (3, 4), (5, 6), (6, 7),  # shoulders, arms
+    (1, 8), (1, 11), (2, 8), (5, 11), (8, 11),  # torso
+    (8, 9), (9, 10), (11, 12), (12, 13),  # legs
+)
+_POINTS_PER_BONE = 8
+#: Product-shot pixels brighter than this in every channel are studio backdrop, not garment.
+_BACKGROUND = 235
+_PALETTE_SIZE = 16
+
+
+@dataclass
+class ValidationSettings:
+    """What :func:`validate` generates and how it measures.
+
+    ``num_pairs``: how many test pairs to generate (0: all), taken one lookbook per garment first so
+    every garment is queried before any is queried twice. ``resolution``: output ``(height, width)``.
+    ``prompts``: ``"empty"`` (default: garment and pose only, so fidelity cannot come from a caption
+    naming the colour) or ``"caption"`` (the record's ``metadata["caption"]``). With empty prompts the
+    text branch equals the garment branch, so ``guidance_text`` is set to ``guidance_garment`` (one
+    fewer UNet branch, same result). ``crop``: query with the generation cropped to the record's
+    ``crop_box`` when it has one. ``ks``: the R@k reported. ``colour_sigma``: colour distance
+    (0-255 RGB units) at which a pixel's garment likeness falls to ``exp(-1/2)``.
+    """
+
+    num_pairs: int = 0
+    steps: int = 20
+    guidance_text: float = 3.0
+    guidance_garment: float = 3.0
+    seed: int = 0
+    resolution: tuple[int, int] = (64, 48)
+    slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
+    prompts: Literal["empty", "caption"] = "empty"
+    batch_size: int = 16
+    crop: bool = True
+    ks: tuple[int, ...] = (1, 5)
+    colour_sigma: float = 40.0
+
+
+@dataclass
+class ValidationResult:
+    """``metrics`` (plain floats, see the module doc), the generated ``images`` and the ``records``,
+    ``garments`` and ``lookbooks`` (resized ground truth) they were generated for, in the same order."""
+
+    metrics: dict[str, float]
+    images: list[Image.Image]
+    records: list[PairRecord]
+    garments: list[Image.Image]
+    lookbooks: list[Image.Image]
+
+    def grid(self, max_rows: int = 8) -> Image.Image:
+        """Rows of garment | generated | ground truth (as :func:`fashionshoot.training.loop.sample_grid`)."""
+        rows = list(zip(self.garments, self.images, self.lookbooks, strict=True))[:max_rows]
+        width, height = self.images[0].size
+        grid = Image.new("RGB", (3 * width, len(rows) * height))
+        for r, tiles in enumerate(rows):
+            for c, tile in enumerate(tiles):
+                grid.paste(tile.convert("RGB").resize((width, height)), (c * width, r * height))
+        return grid
+
+
+def select_pairs(records: Sequence[PairRecord], num_pairs: int = 0) -> list[PairRecord]:
+    """Round-robin over garments (first lookbook of each garment, then the second, ...), first ``num_pairs``."""
+    by_garment: dict[str, list[PairRecord]] = {}
+    for record in records:
+        by_garment.setdefault(record.garment_id, []).append(record)
+    order: list[PairRecord] = []
+    depth = max((len(v) for v in by_garment.values()), default=0)
+    for level in range(depth):
+        order += [group[level] for group in by_garment.values() if level < len(group)]
+    return order[:num_pairs] if num_pairs > 0 else order
+
+
+def _box(record: PairRecord, source: tuple[int, int], size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The record's garment box, from source lookbook pixels (w, h) to output pixels ``size`` (h, w)."""
+    if record.crop_box is None:
+        return None
+    sx, sy = size[1] / source[0], size[0] / source[1]
+    x1, y1, x2, y2 = record.crop_box
+    left, top = int(np.floor(x1 * sx)), int(np.floor(y1 * sy))
+    right, bottom = int(np.ceil(x2 * sx)), int(np.ceil(y2 * sy))
+    left, top = min(max(left, 0), size[1] - 1), min(max(top, 0), size[0] - 1)
+    return left, top, max(min(right, size[1]), left + 1), max(min(bottom, size[0]), top + 1)
+
+
+def _to_tensor(image: Image.Image, side: int) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 255.0
+
+
+def _palette(garment: Image.Image) -> np.ndarray:
+    """Up to ``_PALETTE_SIZE**2`` foreground colours of a product shot (float RGB rows)."""
+    small = np.asarray(garment.convert("RGB").resize((_PALETTE_SIZE, _PALETTE_SIZE), Image.Resampling.BOX),
+                       dtype=np.float32).reshape(-1, 3)
+    foreground = small[~(small > _BACKGROUND).all(1)]
+    return foreground if len(foreground) else small
+
+
+def _likeness(image: Image.Image, palette: np.ndarray, sigma: float) -> np.ndarray:
+    """``(H, W)`` in [0, 1]: exp(-d^2 / 2 sigma^2) of each pixel's distance to the nearest palette colour."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    d2 = ((pixels.reshape(-1, 1, 3) - palette[None]) ** 2).sum(-1).min(1)
+    return np.exp(-d2 / (2 * sigma**2)).reshape(pixels.shape[:2])
+
+
+def _bone_points(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(bones, points, 2)`` sample points along each bone and ``(bones,)`` validity (both ends seen)."""
+    t = np.linspace(0.0, 1.0, _POINTS_PER_BONE)[:, None]
+    points = np.stack([(1 - t) * keypoints[a, :2] + t * keypoints[b, :2] for a, b in BONES])
+    valid = np.array([keypoints[a, 2] > 0 and keypoints[b, 2] > 0 for a, b in BONES])
+    return points, valid
+
+
+def _sample(likeness: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Mean likeness per bone at its points (nearest pixel; points outside the frame count 0)."""
+    h, w = likeness.shape
+    cols, rows = np.floor(points[..., 0]).astype(int), np.floor(points[..., 1]).astype(int)
+    inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+    values = np.where(inside, likeness[rows.clip(0, h - 1), cols.clip(0, w - 1)], 0.0)
+    return values.mean(-1)
+
+
+def pose_scores(images: Sequence[Image.Image], lookbooks: Sequence[Image.Image], garments: Sequence[Image.Image],
+                keypoints: Sequence[np.ndarray | None], colour_sigma: float = 40.0) -> dict[str, float]:
+    """``pose_own``, ``pose_other``, ``pose_contrast``, ``pose_accuracy`` of ``images`` (see module doc).
+
+    ``keypoints`` are COCO-18 ``(18, 3)`` rows in the pixels of ``images`` (``None``: pair skipped);
+    ``lookbooks`` (the ground truth at the same size) only decide how much each bone counts.
+    Returns NaNs when fewer than two pairs have keypoints.
+    """
+    usable = [i for i, kp in enumerate(keypoints) if kp is not None]
+    nan = {k: float("nan") for k in ("pose_own", "pose_other", "pose_contrast", "pose_accuracy")}
+    if len(usable) < 2:
+        return nan
+    bones = {i: _bone_points(np.asarray(keypoints[i], dtype=np.float32)) for i in usable}
+    own, other, wins, trials = [], [], 0, 0
+    for i in usable:
+        palette = _palette(garments[i])
+        points, valid = bones[i]
+        weight = _sample(_likeness(lookbooks[i], palette, colour_sigma), points) * valid + 1e-6 * valid
+        if weight.sum() <= 0:
+            continue
+        weight = weight / weight.sum()
+        generated = _likeness(images[i], palette, colour_sigma)
+        mine = float((_sample(generated, points) * weight).sum())
+        theirs = []
+        for j in usable:
+            if j == i:
+                continue
+            points_j, valid_j = bones[j]
+            w = weight * valid_j
+            if w.sum() <= 0:
+                continue
+            theirs.append(float((_sample(generated, points_j) * w).sum() / w.sum()))
+        if not theirs:
+            continue
+        own.append(mine)
+        other.append(float(np.mean(theirs)))
+        wins += sum(mine > t for t in theirs) + 0.5 * sum(mine == t for t in theirs)
+        trials += len(theirs)
+    if not own:
+        return nan
+    return {"pose_own": float(np.mean(own)), "pose_other": float(np.mean(other)),
+            "pose_contrast": float(np.mean(own) - np.mean(other)), "pose_accuracy": wins / trials}
+
+
+def _recall(encoder: Any, gallery: Sequence[Image.Image], gallery_ids: Sequence[str], queries: Sequence[Image.Image],
+            query_ids: Sequence[str], ks: tuple[int, ...], side: int = 32) -> dict[int, float]:
+    from fashionshoot.metrics import GarmentRetrievalRecall, from_pil_encoder
+    from fashionshoot.metrics.protocol import DEFAULT_PROTOCOL
+
+    encode = from_pil_encoder(encoder.embed_images)
+    metric = GarmentRetrievalRecall.from_gallery_images(
+        encode, [_to_tensor(g, side) for g in gallery], list(gallery_ids),
+        protocol=DEFAULT_PROTOCOL.replace(retrieval_ks=tuple(ks)))
+    metric.update([_to_tensor(q, side) for q in queries], list(query_ids))
+    return metric.compute()
+
+
+def _crop(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
+    return image if box is None else image.crop(box)
+
+
+def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, settings: ValidationSettings | None = None,
+             encoder: Any = None, image_processor: Any = None) -> ValidationResult:
+    """Generate one image per selected test pair with ``pipe`` and measure fidelity and pose following.
+
+    ``records``: the test pairs (all of them form the gallery, ``settings.num_pairs`` are generated),
+    image paths relative to ``root``. ``encoder``: anything with ``embed_images(list[PIL]) -> (N, D)``
+    (default: ``HistogramEncoder(bins=6)``). ``image_processor`` defaults to ``pipe.feature_extractor``
+    (only used to collate the batch). The pipeline's progress bar and RNG state are left as they are
+    except for the seeded generator passed to it.
+    """
+    from fashionshoot.data.pairs import PairManifestDataset
+    from fashionshoot.retrieval.encoders import HistogramEncoder
+    from fashionshoot.training.data import PhotoshootCollator, category_slot
+
+    settings = settings or ValidationSettings()
+    if not records:
+        raise DataError("validation needs at least one test pair")
+    encoder = encoder or HistogramEncoder(bins=6)
+    height, width = settings.resolution
+    chosen = select_pairs(records, settings.num_pairs)
+    gallery_records = {r.garment_id: r for r in records}  # first record of each garment
+    collator = PhotoshootCollator(image_processor or pipe.feature_extractor, pipe.slots, settings.slot_map,
+                                  settings.resolution)
+    dataset = PairManifestDataset(chosen, root)
+    guidance_text = settings.guidance_garment if settings.prompts == "empty" else settings.guidance_text
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    images: list[Image.Image] = []
+    garments: list[Image.Image] = []
+    lookbooks: list[Image.Image] = []
+    keypoints: list[np.ndarray | None] = []
+    boxes: list[tuple[int, int, int, int] | None] = []
+    for start in range(0, len(chosen), settings.batch_size):
+        samples = [dataset[i] for i in range(start, min(start + settings.batch_size, len(chosen)))]
+        batch = collator(samples)
+        outfits = [{pipe.slots[category_slot(s["record"].category, pipe.slots, settings.slot_map)]: s["garment"]}
+                   for s in samples]
+        prompts = batch["prompts"] if settings.prompts == "caption" else [""] * len(samples)
+        images += pipe(garments=outfits, keypoints=batch["keypoints"], prompt=prompts, height=height, width=width,
+                       num_inference_steps=settings.steps, guidance_scale_text=guidance_text,
+                       guidance_scale_garment=settings.guidance_garment, generator=generator).images
+        for sample, kp in zip(samples, batch["keypoints"], strict=True):
+            garments.append(sample["garment"].convert("RGB"))
+            lookbooks.append(sample["lookbook"].convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
+            keypoints.append(kp)
+            boxes.append(_box(sample["record"], sample["lookbook"].size, settings.resolution) if settings.crop else None)
+
+    gallery_ids = list(gallery_records)
+    gallery = []
+    for garment_id in gallery_ids:
+        record = gallery_records[garment_id]
+        with Image.open(Path(root) / record.garment_image) as img:
+            gallery.append(img.convert("RGB"))
+    query_ids = [r.garment_id for r in chosen]
+    ks = tuple(settings.ks)
+    recall = _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(images, boxes, strict=True)],
+                     query_ids, ks)
+    oracle = _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(lookbooks, boxes, strict=True)],
+                     query_ids, ks)
+    metrics: dict[str, float] = {"num_pairs": float(len(chosen)), "num_garments": float(len(gallery_ids))}
+    for k in ks:
+        metrics[f"garment_r@{k}"] = float(recall[k])
+        metrics[f"chance_r@{k}"] = min(k, len(gallery_ids)) / len(gallery_ids)
+        metrics[f"oracle_r@{k}"] = float(oracle[k])
+    metrics.update(pose_scores(images, lookbooks, garments, keypoints, settings.colour_sigma))
+    metrics.update({f"oracle_{k}": v for k, v in
+                    pose_scores(lookbooks, lookbooks, garments, keypoints, settings.colour_sigma).items()})
+    return ValidationResult(metrics, images, chosen, garments, lookbooks)
+
+
+def settings_from(config: Any, **changes: Any) -> ValidationSettings:
+    """Settings matching a :class:`~fashionshoot.training.config.PhotoshootTrainConfig`: its data
+    resolution and slot map and its ``validation`` section (pairs, steps, guidance, seed, prompts),
+    with ``changes`` applied."""
+    v = config.validation
+    values: Mapping[str, Any] = {
+        "resolution": tuple(config.data.resolution), "slot_map": dict(config.data.slot_map),
+        "num_pairs": v.num_pairs, "steps": v.steps, "guidance_text": v.guidance_text,
+        "guidance_garment": v.guidance_garment, "seed": v.seed, "prompts": v.prompts,
+    }
+    return ValidationSettings(**{**values, **changes})
