@@ -347,12 +347,13 @@ def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _forget_accelerate_state() -> None:
-    """Reset accelerate's process-wide singletons, so another ``run`` in this process (a notebook, a
-    sweep) may choose a different mixed precision or device."""
+def _forget_accelerate_state(keep_processes: bool) -> None:
+    """Reset accelerate's process-wide singletons, so this or another ``run`` in the same process (a
+    notebook, a sweep, a test session) may choose its own mixed precision. ``keep_processes`` keeps the
+    process-level state (device, process group), which must survive while a process group exists."""
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=not keep_processes)
     GradientState._reset_state()
 
 
@@ -365,6 +366,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     out = Path(config.output_dir)
+    _forget_accelerate_state(keep_processes=True)
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
                               log_with=_tracker(config.log_with), project_dir=str(out))
     set_seed(config.seed)
@@ -476,5 +478,5 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         results["metrics"].write_text(metrics_table(rows))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after it
-    _forget_accelerate_state()
+    _forget_accelerate_state(keep_processes=False)
     return results

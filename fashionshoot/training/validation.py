@@ -214,7 +214,8 @@ def _recall(encoder: Any, gallery: Sequence[Image.Image], gallery_ids: Sequence[
     encode = from_pil_encoder(encoder.embed_images)
     metric = GarmentRetrievalRecall.from_gallery_images(
         encode, [_to_tensor(g, side) for g in gallery], list(gallery_ids),
-        protocol=DEFAULT_PROTOCOL.replace(retrieval_ks=tuple(ks)))
+        protocol=DEFAULT_PROTOCOL.replace(retrieval_ks=tuple(ks)),
+        sync_on_compute=False)  # validation runs on the main process only: no cross-process gather
     metric.update([_to_tensor(q, side) for q in queries], list(query_ids))
     return metric.compute()
 
