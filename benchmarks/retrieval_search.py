@@ -1,7 +1,8 @@
 """Gallery search and fusion cost: ExactIndex vs faiss IndexFlatIP, peak memory, ensemble fusion overhead.
 
     python benchmarks/retrieval_search.py [--shapes 200000x256x1000,1000000x768x128] [--k 10]
-        [--repeats 5] [--threads 2] [--only faiss|memory|fusion]
+        [--repeats 5] [--threads 2] [--only faiss|memory|fusion] [--fusion-shapes 200000x256x256]
+        [--cosine-members 2] [--methods zscore,minmax,weighted,rrf]
 
 Prints three blocks of figures, each with the ratio that the library promises:
 
@@ -10,9 +11,12 @@ Prints three blocks of figures, each with the ratio that the library promises:
    (fp32 compute), agreement of the returned indices, and the peak extra memory of each search;
 2. peak extra memory of one ``ExactIndex.search`` for two gallery sizes, against the bound set by
    the chunk size (it must not grow with the gallery);
-3. fusion: ``RetrievalEnsemble.score`` (members' scores + fusion) against the members' scoring
-   alone, per fusion method (target <= 5% extra), and ``RetrievalEnsemble.search`` with per-member
-   shortlists against the members' own gallery scans (union, re-scoring, fusion).
+3. fusion, per ``GALLERYxDIMxQUERIES`` shape: ``RetrievalEnsemble.score`` (members' score matrices +
+   the fused matrix) against ``member_scores`` alone, per fusion method, for the cosine members alone
+   and with a Poincaré member; the fused exact search of the cosine members (one ``ExactIndex`` scan
+   over their galleries side by side) against each member's own ``ExactIndex`` search; the shortlist
+   search of an ensemble with a Poincaré member against the members' own scans (target <= 5% extra
+   everywhere). The one-time cost of the cosine members' gallery moments is printed too.
 
 All timings are taken side by side in one process: every round runs each contender once, in turn,
 so background load hits all alike; the ratio reported is the median over rounds of the per-round
@@ -158,45 +162,65 @@ class _Poincare:
         return -hyperbolic.poincare_distance(q, g, self.c)
 
 
-def fusion_members(gallery: torch.Tensor, queries: torch.Tensor) -> tuple[dict, dict, dict]:
-    """Two cosine members and one Poincaré member (the Total-Ensemble's geometry) on random data."""
-    n, dim = gallery.shape
-    members = {"siglip2": _Cosine("siglip2"), "proxynca": _Cosine("proxynca"), "hyperbolic": _Poincare("hyperbolic")}
-    g = {"siglip2": gallery, "proxynca": unit_rows(n, dim, seed=5),
-         "hyperbolic": hyperbolic.expmap0(unit_rows(n, dim, seed=6), 0.1)}
-    q = {"siglip2": queries, "proxynca": unit_rows(len(queries), dim, seed=7),
-         "hyperbolic": hyperbolic.expmap0(unit_rows(len(queries), dim, seed=8), 0.1)}
+def fusion_members(size: int, dim: int, n_queries: int, cosine: int = 2) -> tuple[dict, dict, dict]:
+    """``cosine`` cosine members and one Poincaré member (the Total-Ensemble's geometry) on random data."""
+    members: dict = {f"cos{i}": _Cosine(f"cos{i}") for i in range(cosine)}
+    g = {name: unit_rows(size, dim, seed=10 + i) for i, name in enumerate(members)}
+    q = {name: unit_rows(n_queries, dim, seed=20 + i) for i, name in enumerate(members)}
+    members["hyperbolic"] = _Poincare("hyperbolic")
+    g["hyperbolic"] = hyperbolic.expmap0(unit_rows(size, dim, seed=6), 0.1)
+    q["hyperbolic"] = hyperbolic.expmap0(unit_rows(n_queries, dim, seed=8), 0.1)
     return members, q, g
 
 
-def bench_fusion(gallery: torch.Tensor, queries: torch.Tensor, k: int, shortlist: int, repeats: int) -> None:
-    members, q, g = fusion_members(gallery, queries)
-    print(f"## fusion: {len(queries)} queries x {len(gallery)} gallery x {gallery.shape[1]} dims, "
-          f"{len(members)} members (2 cosine, 1 Poincaré)")
-    for names in (("siglip2", "proxynca"), tuple(members)):
+def report(label: str, times: dict[str, list[float]], base: str, what: str) -> None:
+    for name, seconds in times.items():
+        if name == base:
+            continue
+        median, best = ratio(seconds, times[base])
+        print(f"{label:32s} {name:9s} {base} {statistics.median(times[base]):7.3f} s, {what} "
+              f"{statistics.median(seconds):7.3f} s: fusion adds {100 * (median - 1):6.2f}% "
+              f"(best-vs-best {100 * (best - 1):6.2f}%)  (target <= 5%)")
+
+
+def bench_fusion(size: int, dim: int, n_queries: int, k: int, shortlist: int, repeats: int, cosine: int,
+                 methods: tuple[str, ...] = ("zscore", "minmax", "weighted", "rrf"), poincare: bool = True) -> None:
+    from fashionshoot.retrieval.ensemble import cached_moments
+
+    members, q, g = fusion_members(size, dim, n_queries, cosine)
+    cos = [n for n in members if n.startswith("cos")]
+    print(f"## fusion: {n_queries} queries x {size} gallery x {dim} dims, {cosine} cosine"
+          f"{' + 1 Poincaré' if poincare else ''} members ({torch.get_num_threads()} threads, {repeats} rounds)")
+    start = time.perf_counter()
+    for name in cos:
+        cached_moments(g[name])
+    prep = time.perf_counter() - start
+    one = min(rounds({"score": lambda: q[cos[0]] @ g[cos[0]].T}, 1)["score"])
+    print(f"gallery moments (once per gallery, cached): {prep:.3f} s for {len(cos)} members = "
+          f"{prep / len(cos) / one:.2f}x one member's scoring of these {n_queries} queries")
+    # score: members' (Q, G) matrices vs members' matrices + fused matrix, every method in one run.
+    for names in (tuple(cos), tuple(members)) if poincare else (tuple(cos),):
         subset = {n: members[n] for n in names}
-        fns: dict[str, Callable[[], object]] = {
-            "members": lambda s=subset: RetrievalEnsemble(s).member_scores(q, g)}
-        for fusion in ("zscore", "minmax", "weighted", "rrf"):
+        fns: dict[str, Callable[[], object]] = {"members": lambda s=subset: RetrievalEnsemble(s).member_scores(q, g)}
+        for fusion in methods:
             fns[fusion] = lambda s=subset, f=fusion: RetrievalEnsemble(s, fusion=f).score(q, g)
-        times = rounds(fns, repeats)
-        label = "+".join(names)
-        for fusion in ("zscore", "minmax", "weighted", "rrf"):
-            median, best = ratio(times[fusion], times["members"])
-            print(f"score {label:27s} {fusion:8s} members {statistics.median(times['members']):6.3f} s, "
-                  f"fused {statistics.median(times[fusion]):6.3f} s: fusion adds {100 * (median - 1):6.2f}% "
-                  f"(best-vs-best {100 * (best - 1):6.2f}%)  (target <= 5%)")
-    print(f"## ensemble search: shortlist {shortlist} per member, top-{k}")
+        # The floor of any fusion that returns its own matrix: members + writing one more (Q, G) matrix.
+        fns["+1 matrix"] = lambda s=subset: (RetrievalEnsemble(s).member_scores(q, g),
+                                             torch.empty(n_queries, size).fill_(0.0))
+        report("score " + "+".join(names), rounds(fns, repeats), "members", "fused")
+    # search: the members' own exact top-k scans vs the fused exact search (dot-product fast path).
+    subset = {n: members[n] for n in cos}
+    fns = {"members": lambda: [ExactIndex(g[n], storage_dtype=g[n].dtype).search(q[n], k) for n in cos]}
+    for fusion in ("zscore", "weighted"):
+        fns[fusion] = lambda f=fusion: RetrievalEnsemble(subset, fusion=f).search(q, g, k)
+    report(f"search top-{k} " + "+".join(cos), rounds(fns, repeats), "members", "fused")
+    if not poincare:
+        return
+    # search with a Poincaré member: per-member shortlists, union re-scored and fused.
+    fns = {"members": lambda: [RetrievalEnsemble(members)._member_candidates(n, q[n], g[n], shortlist) for n in members]}
     for fusion in ("zscore", "rrf"):
-        ensemble = RetrievalEnsemble(members, fusion=fusion, shortlist=shortlist)
-        times = rounds({
-            "members": lambda e=ensemble: [e._member_candidates(n, q[n], g[n], shortlist) for n in members],
-            "search": lambda e=ensemble: e.search(q, g, k),
-        }, repeats)
-        median, best = ratio(times["search"], times["members"])
-        print(f"search {fusion:7s} members' scans {statistics.median(times['members']):6.3f} s, full search "
-              f"{statistics.median(times['search']):6.3f} s: union + re-scoring + fusion adds {100 * (median - 1):5.2f}% "
-              f"(best-vs-best {100 * (best - 1):5.2f}%)  (target <= 5%)")
+        fns[fusion] = lambda f=fusion: RetrievalEnsemble(members, fusion=f, shortlist=shortlist).search(q, g, k)
+    report(f"search shortlist {shortlist} +hyperbolic", rounds(fns, repeats), "members", "fused")
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -208,7 +232,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="200000x256x1000,1000000x768x128",
                         help="comma-separated GALLERYxDIMxQUERIES for the faiss block")
-    parser.add_argument("--fusion-shape", default="100000x256x256", help="GALLERYxDIMxQUERIES for the fusion block")
+    parser.add_argument("--fusion-shapes", default="200000x256x256,200000x768x256",
+                        help="comma-separated GALLERYxDIMxQUERIES for the fusion block")
+    parser.add_argument("--cosine-members", type=int, default=2, help="cosine members in the fusion block")
+    parser.add_argument("--methods", default="zscore,minmax,weighted,rrf", help="fusion methods of the score rows")
+    parser.add_argument("--no-poincare", action="store_true", help="fusion block: cosine members only")
     parser.add_argument("--memory-shape", default="400000x256x1000", help="largest GALLERYxDIMxQUERIES for the memory block")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--chunk-size", type=int, default=4096)
@@ -228,10 +256,10 @@ def main() -> None:
         size, dim, n_queries = parse_shape(args.memory_shape)
         bench_memory(dim, unit_rows(n_queries, dim, seed=2), args.k, args.chunk_size, (size // 4, size))
     if args.only in (None, "fusion"):
-        size, dim, n_queries = parse_shape(args.fusion_shape)
-        bench_fusion(unit_rows(size, dim, seed=1), unit_rows(n_queries, dim, seed=2), args.k, args.shortlist,
-                     args.repeats)
-
+        for shape in args.fusion_shapes.split(","):
+            size, dim, n_queries = parse_shape(shape)
+            bench_fusion(size, dim, n_queries, args.k, args.shortlist, args.repeats, args.cosine_members,
+                         tuple(args.methods.split(",")), not args.no_poincare)
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ from PIL import Image
 
 from fashionshoot.errors import DataError
 from fashionshoot.retrieval.encoders import Encoder, OpenClipEncoder, TransformersEncoder
-from fashionshoot.retrieval.fusion import fuse_scores, ranks
+from fashionshoot.retrieval.fusion import dot_mean_std, fuse_scores, gallery_moments, linear_fusion, ranks
 from fashionshoot.retrieval.index import ExactIndex
 
 
@@ -60,6 +60,50 @@ def test_exact_index_agrees_with_faiss():
     reference = flat.search(queries, k=10)
     assert torch.equal(exact.indices, reference.indices.long())
     torch.testing.assert_close(exact.scores, reference.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_multi_part_index_searches_the_side_by_side_gallery():
+    parts = [_unit(3000, 8, 10), _unit(3000, 16, 11).half(), _unit(3000, 4, 12)]
+    queries = _unit(20, 28, 13)
+    whole = torch.cat([p.float() for p in parts], dim=1)
+    for storage in (torch.float32, torch.float16):
+        index = ExactIndex(parts, chunk_size=700, storage_dtype=storage, group=4)
+        assert index.dim == 28 and len(index) == 3000 and torch.equal(index.embeddings, whole.to(storage))
+        expected = (queries @ whole.to(storage).float().T).topk(6, dim=1)
+        result = index.search(queries, k=6, query_chunk=8)
+        assert torch.equal(result.indices, expected.indices)
+        torch.testing.assert_close(result.scores, expected.values)
+    with pytest.raises(DataError, match="different numbers of rows"):
+        ExactIndex([_unit(5, 4, 0), _unit(6, 4, 1)])
+
+
+def test_linear_fusion_equals_fusing_dot_product_scores():
+    gen = torch.Generator().manual_seed(14)
+    centre = 3.0 * torch.randn(12, generator=gen)
+    gallery = {"a": torch.nn.functional.normalize(centre + torch.randn(2000, 12, generator=gen), dim=1),
+               "b": _unit(2000, 20, 15).half()}
+    queries = {"a": torch.nn.functional.normalize(centre + torch.randn(9, 12, generator=gen), dim=1),
+               "b": _unit(9, 20, 16)}
+    moments = {n: gallery_moments(g, chunk_rows=300) for n, g in gallery.items()}
+    scores = {n: queries[n] @ gallery[n].float().T for n in gallery}
+    mean, std = dot_mean_std(queries["a"], moments["a"])
+    torch.testing.assert_close(mean, scores["a"].mean(1, keepdim=True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(std, scores["a"].double().std(1, correction=0, keepdim=True).float(), atol=1e-7, rtol=1e-5)
+    fused = {}
+    for method in ("zscore", "weighted"):
+        scaled, shift = linear_fusion(queries, moments, method, {"b": 3.0})
+        fused[method] = sum(scaled[n] @ gallery[n].float().T for n in gallery) + shift
+        torch.testing.assert_close(fused[method], fuse_scores(scores, method, {"b": 3.0}), atol=1e-5, rtol=1e-5)
+    # Scores far from zero (mean ~0.9, std ~0.03): both match the float64 z-scores.
+    z = {n: (s.double() - s.double().mean(1, keepdim=True)) / s.double().std(1, correction=0, keepdim=True)
+         for n, s in scores.items()}
+    truth = (z["a"] + 3 * z["b"]) / 4
+    torch.testing.assert_close(fuse_scores(scores, "zscore", {"b": 3.0}).double(), truth, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused["zscore"].double(), truth, atol=1e-5, rtol=0)
+    with pytest.raises(DataError, match="not linear"):
+        linear_fusion(queries, moments, "rrf")
+    with pytest.raises(DataError, match="no gallery moments"):
+        linear_fusion(queries, None, "zscore")
 
 
 def test_k_larger_than_gallery_is_capped_and_dims_are_checked(tmp_path):

@@ -221,7 +221,7 @@ def test_score_returns_members_and_fusion() -> None:
     assert torch.allclose(scores["cos"], q["cos"] @ g["cos"].T)
     assert torch.allclose(scores["hyp"], -hyperbolic.poincare_distance(q["hyp"], g["hyp"], 1.0))
     expected = fuse_scores({"cos": scores["cos"], "hyp": scores["hyp"]}, "zscore", {"cos": 2.0, "hyp": 1.0})
-    assert torch.allclose(scores["fused"], expected)
+    torch.testing.assert_close(scores["fused"], expected, atol=1e-5, rtol=1e-5)  # cos statistics are analytic
     with pytest.raises(DataError, match="lack member"):
         ensemble.score({"cos": q["cos"]}, g)
 
@@ -248,6 +248,73 @@ def test_shortlist_search_rescoring_recovers_the_exact_ranking() -> None:
     # zscore fusion normalises over the candidate union: still a ranking of real gallery rows.
     z = _ensemble(shortlist=40).search(q, g, k=5)
     assert z.indices.shape == (6, 5) and (z.indices >= 0).all() and (z.indices < 400).all()
+
+
+@pytest.mark.parametrize("fusion", ["zscore", "minmax", "weighted", "rrf"])
+def test_tiled_scoring_equals_fusing_the_member_scores(fusion: str) -> None:
+    # Tiles smaller than a row and several query blocks: every tile and block boundary is crossed.
+    ensemble = _ensemble(fusion)
+    q, g = _embedded(7, 6), _embedded(1000, 7)
+    scores = ensemble._score(q, g, ["cos", "hyp"], ensemble.weights, tile_bytes=4 * 3 * 300, query_block=3)
+    torch.testing.assert_close(scores["cos"], q["cos"] @ g["cos"].T)  # row blocks round like a full mm
+    expected = fuse_scores({"cos": scores["cos"], "hyp": scores["hyp"]}, fusion, {"cos": 2.0, "hyp": 1.0})
+    torch.testing.assert_close(scores["fused"], expected, atol=1e-5, rtol=1e-5)
+
+
+def _cosine_ensemble(fusion: str, dims: tuple[int, ...] = (16, 24, 8)) -> tuple[RetrievalEnsemble, dict, dict]:
+    """All-dot-product members (the fast path), with gallery means far from zero (hard for variances)."""
+    gen = torch.Generator().manual_seed(11)
+    names = [f"m{i}" for i in range(len(dims))]
+    ensemble = RetrievalEnsemble({n: _Precomputed(n) for n in names}, fusion=fusion, weights={"m0": 2.0, "m2": 0.5})
+    q, g = {}, {}
+    for n, d in zip(names, dims, strict=True):
+        centre = 2.0 * torch.randn(d, generator=gen)
+        g[n] = F.normalize(centre + torch.randn(9000, d, generator=gen), dim=-1)
+        q[n] = F.normalize(centre + torch.randn(13, d, generator=gen), dim=-1)
+    return ensemble, q, g
+
+
+@pytest.mark.parametrize("fusion", ["zscore", "weighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dot_product_fast_path_equals_the_generic_fusion(fusion: str, dtype: torch.dtype) -> None:
+    ensemble, q, g = _cosine_ensemble(fusion)
+    g = {n: e.to(dtype) for n, e in g.items()}
+    member = {n: q[n] @ g[n].float().T for n in q}
+    expected = fuse_scores(member, fusion, ensemble.weights)
+    scores = ensemble.score(q, g)  # 13 queries < D: statistics from a pass (no moments cached yet)
+    torch.testing.assert_close(scores["fused"], expected, atol=1e-5, rtol=1e-5)
+    assert ensemble.prepare(g) is g
+    scores = ensemble.score(q, g)  # analytic statistics
+    assert all(torch.equal(scores[n], member[n]) for n in q)
+    torch.testing.assert_close(scores["fused"], expected, atol=1e-5, rtol=1e-5)
+    # float64 truth: the analytic statistics are closer to it than the sum-of-squares pass.
+    if fusion == "zscore":
+        def z(s: torch.Tensor) -> torch.Tensor:
+            return (s - s.mean(1, keepdim=True)) / s.std(1, correction=0, keepdim=True)
+
+        truth = sum(w * z(q[n].double() @ g[n].double().T) for n, w in (("m0", 2.0), ("m1", 1.0), ("m2", 0.5))) / 3.5
+        torch.testing.assert_close(scores["fused"].double(), truth, atol=1e-5, rtol=0)
+    # Search: one chunked ExactIndex scan over the side-by-side galleries (9000 rows: 3 chunks) finds
+    # the top of the dense fused scores, whatever the shortlist setting.
+    top = expected.topk(10, dim=1)
+    for shortlist in (0, 50):
+        result = ensemble.search(q, g, k=10, shortlist=shortlist)
+        assert torch.equal(result.indices, top.indices)
+        torch.testing.assert_close(result.scores, top.values, atol=5e-5, rtol=1e-5)
+
+
+def test_gallery_moments_are_cached_per_tensor_and_refreshed_on_change() -> None:
+    from fashionshoot.retrieval.ensemble import cached_moments, has_moments
+
+    gallery = F.normalize(torch.randn(500, 6, generator=torch.Generator().manual_seed(3)) + 1.0, dim=-1)
+    assert not has_moments(gallery)
+    first = cached_moments(gallery)
+    assert cached_moments(gallery) is first and has_moments(gallery)
+    torch.testing.assert_close(first.cov, torch.cov(gallery.double().T, correction=0))
+    torch.testing.assert_close(first.mean, gallery.double().mean(0))
+    gallery.mul_(2.0)
+    assert not has_moments(gallery) and cached_moments(gallery) is not first
+    torch.testing.assert_close(cached_moments(gallery).cov, 4 * first.cov)
 
 
 def test_chunked_topk_matches_full_topk() -> None:

@@ -13,6 +13,7 @@ computed in fp32; on GPU the storage dtype is the compute dtype). :class:`FaissI
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,28 +117,43 @@ class ExactIndex:
     vectorised pass), only groups whose maximum beats the query's current ``k``-th best score are
     read, and the few scores above it are merged into the running top-k now and then. The result is
     the same as a full sort (ties aside); the selection costs a small fraction of the matmul.
+
+    ``embeddings`` may also be a sequence of ``(N, D_p)`` parts with the same rows (a multi-part
+    gallery): queries are then ``(Q, sum D_p)`` and a chunk's scores are the sum of the parts'
+    products (one ``addmm`` each), as if the parts were concatenated, without a concatenated copy.
+    The ensemble searches its members' galleries this way
+    (:class:`~fashionshoot.retrieval.ensemble.RetrievalEnsemble`, dot-product fast path).
     """
 
-    def __init__(self, embeddings: torch.Tensor, chunk_size: int = 4096,
+    def __init__(self, embeddings: torch.Tensor | Sequence[torch.Tensor], chunk_size: int = 4096,
                  storage_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  group: int = 32) -> None:
-        if embeddings.ndim != 2 or embeddings.shape[0] == 0:
-            raise DataError(f"gallery: expected a non-empty (N, D) embedding matrix, got {tuple(embeddings.shape)}")
+        parts = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+        if not parts or any(p.ndim != 2 or p.shape[0] == 0 for p in parts):
+            shapes = [tuple(p.shape) for p in parts]
+            raise DataError(f"gallery: expected non-empty (N, D) embedding matrices, got {shapes}")
+        if len({p.shape[0] for p in parts}) != 1:
+            raise DataError(f"gallery: parts have different numbers of rows {[p.shape[0] for p in parts]}")
         if chunk_size < 1 or group < 1:
             raise DataError(f"chunk_size and group must be >= 1, got {chunk_size} and {group}")
         self.device = torch.device(device)
         if storage_dtype is None:
             storage_dtype = torch.float32 if self.device.type == "cpu" else torch.float16
-        self.embeddings = embeddings.to(self.device, storage_dtype).contiguous()
+        self.parts = [p.to(self.device, storage_dtype).contiguous() for p in parts]
         self.chunk_size, self.group = chunk_size, group
         self.compute_dtype = torch.float32 if self.device.type == "cpu" else storage_dtype
 
     @property
+    def embeddings(self) -> torch.Tensor:
+        """The stored ``(N, D)`` gallery (for a multi-part index, a concatenated copy)."""
+        return self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts, dim=1)
+
+    @property
     def dim(self) -> int:
-        return self.embeddings.shape[1]
+        return sum(p.shape[1] for p in self.parts)
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        return self.parts[0].shape[0]
 
     def search(self, queries: torch.Tensor, k: int, query_chunk: int = 4096) -> SearchResult:
         """Top-``k`` gallery rows for each query, best first. ``k`` is capped at the gallery size.
@@ -152,22 +168,32 @@ class ExactIndex:
                             torch.cat([r.indices for r in results]).cpu())
 
     def _search_block(self, queries: torch.Tensor, k: int) -> SearchResult:
-        q_t = queries.to(self.device, self.compute_dtype).T.contiguous()
-        rows, size, group = q_t.shape[1], self.chunk_size, self.group
-        scores_buf = torch.empty(rows * min(size, len(self)), dtype=self.compute_dtype, device=self.device)
-        convert = self.embeddings.dtype != self.compute_dtype
-        chunk_buf = torch.empty(min(size, len(self)), self.dim, dtype=self.compute_dtype, device=self.device) \
-            if convert else None
+        queries = queries.to(self.device, self.compute_dtype)
+        q_ts, start = [], 0
+        for part in self.parts:
+            q_ts.append(queries[:, start : start + part.shape[1]].T.contiguous())
+            start += part.shape[1]
+        rows, size, group = queries.shape[0], self.chunk_size, self.group
+        size = min(size, len(self))
+        scores_buf = torch.empty(rows * size, dtype=self.compute_dtype, device=self.device)
+        chunk_bufs = [torch.empty(size, p.shape[1], dtype=self.compute_dtype, device=self.device)
+                      if p.dtype != self.compute_dtype else None for p in self.parts]
         best: SearchResult | None = None
         pending = _Pending(group)
         for number, offset in enumerate(range(0, len(self), size)):
-            chunk = self.embeddings[offset : offset + size]
-            if chunk_buf is not None:
-                chunk = chunk_buf[: len(chunk)].copy_(chunk)
             # Gallery-major (C, Q) scores: the faster matmul layout on CPU, and runs of gallery rows
-            # are then contiguous rows of the buffer.
-            scores = torch.mm(chunk, q_t, out=scores_buf[: rows * len(chunk)].view(len(chunk), rows))
-            if k * group * 4 > len(chunk) or (best is not None and best.scores.shape[1] < k):
+            # are then contiguous rows of the buffer. A multi-part gallery adds each part's product.
+            scores = None
+            for part, q_t, chunk_buf in zip(self.parts, q_ts, chunk_bufs, strict=True):
+                chunk = part[offset : offset + size]
+                if chunk_buf is not None:
+                    chunk = chunk_buf[: len(chunk)].copy_(chunk)
+                if scores is None:
+                    scores = torch.mm(chunk, q_t, out=scores_buf[: rows * len(chunk)].view(len(chunk), rows))
+                else:
+                    scores.addmm_(chunk, q_t)
+            assert scores is not None
+            if k * group * 4 > scores.shape[0] or (best is not None and best.scores.shape[1] < k):
                 best = merge_topk(pending.merge(best, k, rows), scores.T, offset, k)
                 continue
             pending.add_above(scores, None if best is None else best.scores[:, -1], offset, k)
