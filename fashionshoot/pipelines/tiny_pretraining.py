@@ -1,0 +1,100 @@
+"""Give a tiny random photoshoot pipeline the one pretrained part a real base model always has: its VAE.
+
+A real base pipeline (SD-1.5, SDXL) comes with a pretrained autoencoder; the tiny testbed of
+:mod:`fashionshoot.pipelines.testing` has a *random* one, whose decoder turns any latent into
+meaningless colours. Anything measured on decoded images (garment fidelity, pose following) is then
+noise whatever the UNet learns. :func:`fit_tiny_vae` fits the tiny VAE as an autoencoder of the
+images at hand (a few hundred CPU steps at low resolution; the images should be training images only)
+and sets its ``scaling_factor`` so scaled latents have unit RMS, as SD's 0.18215 does for its VAE.
+:func:`save_pretrained_tiny_photoshoot_pipeline` writes a tiny pipeline with such a VAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fashionshoot.errors import DataError
+
+
+def _pixels(images: Sequence[Image.Image], resolution: tuple[int, int]) -> torch.Tensor:
+    """``(N, 3, H, W)`` in ``[-1, 1]`` at ``resolution`` ``(H, W)`` (bicubic, as the training collator)."""
+    height, width = resolution
+    arrays = [np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def fit_tiny_vae(
+    pipeline_dir: str | Path,
+    images: Sequence[Image.Image],
+    resolution: tuple[int, int] = (32, 24),
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit ``<pipeline_dir>/vae`` to reconstruct ``images`` and save it back in place.
+
+    Reconstruction MSE of posterior samples plus ``kl_weight`` x KL, AdamW with a one-cycle schedule,
+    random horizontal flips, images resized to ``resolution`` ``(H, W)`` (the VAE is convolutional; fit
+    it at the resolution it will encode). Returns the last training ``loss``, the ``mse`` of the
+    posterior modes on all ``images`` after fitting, and the ``scaling_factor`` written to the config
+    (1 / RMS of those modes).
+    """
+    from diffusers import AutoencoderKL
+
+    if not images:
+        raise DataError("fit_tiny_vae needs at least one image")
+    folder = Path(pipeline_dir) / "vae"
+    vae = AutoencoderKL.from_pretrained(str(folder))
+    data = _pixels(images, resolution)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    vae.train()
+    loss = torch.zeros(())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # posterior sampling; the caller's global RNG is left untouched
+        for _ in range(steps):
+            batch = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
+            flip = torch.rand(len(batch), generator=generator) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            posterior = vae.encode(batch).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            loss = torch.nn.functional.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    vae.eval()
+    with torch.no_grad():
+        modes = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in data.split(64)])
+        mse = torch.cat([vae.decode(chunk).sample for chunk in modes.split(64)]).sub(data).pow(2).mean()
+    scaling = float(1.0 / modes.pow(2).mean().sqrt().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(str(folder))
+    return {"loss": float(loss.detach()), "mse": float(mse), "scaling_factor": scaling}
+
+
+def save_pretrained_tiny_photoshoot_pipeline(
+    save_dir: str | Path,
+    images: Sequence[Image.Image],
+    resolution: tuple[int, int] = (32, 24),
+    vae_steps: int = 300,
+    seed: int = 0,
+    **tiny: Any,
+) -> tuple[Path, dict[str, float]]:
+    """:func:`~fashionshoot.pipelines.testing.save_tiny_photoshoot_pipeline` (``tiny`` passed on; a fresh
+    zero-initialised adapter unless told otherwise) followed by :func:`fit_tiny_vae` on ``images``.
+    Returns the folder and the VAE fit's figures."""
+    from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+
+    tiny.setdefault("randomize_zero_init", False)
+    folder = save_tiny_photoshoot_pipeline(save_dir, seed=seed, **tiny)
+    return folder, fit_tiny_vae(folder, images, resolution=resolution, steps=vae_steps, seed=seed)

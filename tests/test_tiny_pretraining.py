@@ -1,0 +1,33 @@
+"""A fitted tiny VAE reconstructs the images a random one cannot, and loads back with its scaling factor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashionshoot.data.synthetic import SyntheticConfig, SyntheticFashion
+from fashionshoot.pipelines.tiny_pretraining import _pixels, save_pretrained_tiny_photoshoot_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reconstruction_mse(vae: torch.nn.Module, pixels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((vae.decode(vae.encode(pixels).latent_dist.mode()).sample - pixels).pow(2).mean())
+
+
+def test_fitted_vae_reconstructs_and_round_trips(tmp_path: Path) -> None:
+    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
+    from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+
+    dataset = SyntheticFashion(SyntheticConfig(num_garments=12, lookbooks_per_garment=1, lookbook_size=(64, 48)))
+    images = [dataset.lookbook(i, 0, styles=("real",)).images["real"] for i in range(12)]
+    pixels = _pixels(images, (32, 24))
+    random_vae = load_photoshoot_pipeline(save_tiny_photoshoot_pipeline(tmp_path / "random")).vae
+    folder, fit = save_pretrained_tiny_photoshoot_pipeline(tmp_path / "fitted", images, vae_steps=60)
+    fitted = load_photoshoot_pipeline(folder).vae
+    assert fitted.config.scaling_factor == pytest.approx(fit["scaling_factor"])
+    assert _reconstruction_mse(fitted, pixels) == pytest.approx(fit["mse"], rel=1e-4)
+    assert fit["mse"] < 0.5 * _reconstruction_mse(random_vae, pixels)
