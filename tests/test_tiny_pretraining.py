@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fashionshoot.data.synthetic import SyntheticConfig, SyntheticFashion
-from fashionshoot.pipelines.tiny_pretraining import _pixels, save_pretrained_tiny_photoshoot_pipeline
+from fashionshoot.pipelines.tiny_pretraining import save_pretrained_tiny_photoshoot_pipeline
+from fashionshoot.training.data import vae_pixels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,7 +25,7 @@ def test_fitted_vae_reconstructs_and_round_trips(tmp_path: Path) -> None:
 
     dataset = SyntheticFashion(SyntheticConfig(num_garments=12, lookbooks_per_garment=1, lookbook_size=(64, 48)))
     images = [dataset.lookbook(i, 0, styles=("real",)).images["real"] for i in range(12)]
-    pixels = _pixels(images, (32, 24))
+    pixels = vae_pixels(images, (32, 24))
     random_vae = load_photoshoot_pipeline(save_tiny_photoshoot_pipeline(tmp_path / "random")).vae
     folder, fit = save_pretrained_tiny_photoshoot_pipeline(tmp_path / "fitted", images, vae_steps=60)
     fitted = load_photoshoot_pipeline(folder).vae

@@ -15,18 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
 from fashionshoot.errors import DataError
-
-
-def _pixels(images: Sequence[Image.Image], resolution: tuple[int, int]) -> torch.Tensor:
-    """``(N, 3, H, W)`` in ``[-1, 1]`` at ``resolution`` ``(H, W)`` (bicubic, as the training collator)."""
-    height, width = resolution
-    arrays = [np.asarray(img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)) for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+from fashionshoot.training.data import vae_pixels
 
 
 def fit_tiny_vae(
@@ -53,7 +46,7 @@ def fit_tiny_vae(
         raise DataError("fit_tiny_vae needs at least one image")
     folder = Path(pipeline_dir) / "vae"
     vae = AutoencoderKL.from_pretrained(str(folder))
-    data = _pixels(images, resolution)
+    data = vae_pixels(images, resolution)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fashionshoot.data.pairs import PairFilter, PairManifestDataset, SampleSpec, read_manifest
 from fashionshoot.data.records import PairRecord
+from fashionshoot.data.transforms import to_tensor
 from fashionshoot.errors import DataError
 from fashionshoot.training.config import DataConfig
 
@@ -60,10 +61,10 @@ def category_slot(category: str, slots: Sequence[str], slot_map: Mapping[str, st
     return list(slots).index(slot)
 
 
-def _pixels(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+def vae_pixels(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
     """``(N, 3, H, W)`` in ``[-1, 1]`` (the VAE's range), bicubically resized to ``size`` ``(H, W)``."""
-    arrays = [np.asarray(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)) for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return torch.stack([to_tensor(img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC))
+                        for img in images])
 
 
 def _keypoints(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> np.ndarray | None:
@@ -98,8 +99,8 @@ class PhotoshootCollator:
         for i, record in enumerate(records):
             slot_mask[i, category_slot(record.category, self.slots, self.slot_map)] = True
         return {
-            "lookbook": _pixels([s["lookbook"] for s in samples], self.resolution),
-            "garment_vae": _pixels(garments, self.resolution),
+            "lookbook": vae_pixels([s["lookbook"] for s in samples], self.resolution),
+            "garment_vae": vae_pixels(garments, self.resolution),
             "garment_clip": self.image_processor(images=garments, return_tensors="pt").pixel_values,
             "slot_mask": slot_mask,
             "keypoints": [_keypoints(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
