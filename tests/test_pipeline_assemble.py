@@ -67,9 +67,8 @@ def test_unsupported_image_encoder_is_named(tiny_models: dict[str, Path]) -> Non
 
 def test_training_from_an_inpainting_base_moves_only_pose_input_weights(tiny_models: dict[str, Path],
                                                                       tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     from fashionshoot.config import config_from_argv
+    from fashionshoot.pipelines.testing import saved_weights
     from fashionshoot.training import PhotoshootTrainConfig, run
 
     config = config_from_argv(PhotoshootTrainConfig, [
@@ -78,8 +77,8 @@ def test_training_from_an_inpainting_base_moves_only_pose_input_weights(tiny_mod
         "log_with=none", "data.synthetic.num_garments=6", "data.resolution=[32,32]",
     ])
     results = run(config)
-    before = load_file(next((tmp_path / "base" / "unet").glob("*.safetensors")))["conv_in.weight"]
-    after = load_file(next((results["pipeline"] / "unet").glob("*.safetensors")))["conv_in.weight"]
+    before = saved_weights(tmp_path / "base", ("unet",))["unet.conv_in.weight"]
+    after = saved_weights(results["pipeline"], ("unet",))["unet.conv_in.weight"]
     assert after.shape[1] == 27
     assert torch.equal(before[:, :9], after[:, :9]) and not torch.equal(before[:, 9:], after[:, 9:])
     with pytest.raises(ConfigError, match="go together"):

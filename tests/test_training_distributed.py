@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fashionshoot.config import config_from_argv
+from fashionshoot.pipelines.testing import saved_weights
 from fashionshoot.training import PhotoshootTrainConfig
 from fashionshoot.training.data import load_records
 
@@ -24,16 +25,6 @@ SCRIPT = ROOT / "train" / "photoshoot.py"
 STEPS = 3
 
 pytestmark = pytest.mark.slow
-
-
-def _trained_weights(pipeline: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for part in ("unet", "garment_adapter"):
-        for file in sorted((pipeline / part).glob("*.safetensors")):
-            out.update({f"{part}.{k}": v for k, v in load_file(file).items()})
-    return out
 
 
 def _train(out: Path, common: list[str], processes: int, batch_size: int) -> dict[str, torch.Tensor]:
@@ -46,7 +37,7 @@ def _train(out: Path, common: list[str], processes: int, batch_size: int) -> dic
     done = subprocess.run([*launch, f"output_dir={out}", f"optim.batch_size={batch_size}", *common],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return _trained_weights(out / "pipeline")
+    return saved_weights(out / "pipeline")
 
 
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
@@ -61,7 +52,7 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
               "log_with=none", "dropout.garment=0.2", "dropout.text=0.2", "dropout.both=0.1"]
     one = _train(tmp_path / "one", common, processes=1, batch_size=4)
     two = _train(tmp_path / "two", common, processes=2, batch_size=2)
-    start = _trained_weights(base)
+    start = saved_weights(base)
 
     assert one.keys() == two.keys() == start.keys()
     delta_one = torch.cat([(one[k] - start[k]).flatten() for k in one])

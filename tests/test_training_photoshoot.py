@@ -10,6 +10,7 @@ from PIL import Image
 
 from fashionshoot.config import config_from_argv
 from fashionshoot.errors import ConfigError, FashionshootError
+from fashionshoot.pipelines.testing import saved_weights
 from fashionshoot.training import PhotoshootTrainConfig, TrainingDiverged, run
 from fashionshoot.training import loop as loop_module
 from fashionshoot.training.checkpoint import STATE_NAME, checkpoints
@@ -59,16 +60,6 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     assert {"garment_r@1", "chance_r@1", "oracle_r@1", "pose_accuracy"} <= set(results["validation"])
 
 
-def _weights(pipeline: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out = {}
-    for part in ("unet", "garment_adapter"):
-        for file in sorted((pipeline / part).glob("*.safetensors")):
-            out.update({f"{part}.{k}": v for k, v in load_file(file).items()})
-    return out
-
-
 def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> None:
     common = [*shared, "optim.grad_accum=2", "checkpoint.every=2", "optim.warmup_steps=2"]
     straight = run(_config(tmp_path / "a", *common, "optim.max_steps=4"))
@@ -76,9 +67,9 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> 
     resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=4", "checkpoint.resume=latest"))
     assert set(resumed["losses"]) == {3, 4}
     assert resumed["losses"] == {k: straight["losses"][k] for k in (3, 4)}
-    a, b = _weights(straight["pipeline"]), _weights(resumed["pipeline"])
+    a, b = saved_weights(straight["pipeline"]), saved_weights(resumed["pipeline"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], v) for k, v in _weights(Path(shared[1].split("=", 1)[1])).items())
+    assert any(not torch.equal(a[k], v) for k, v in saved_weights(Path(shared[1].split("=", 1)[1])).items())
 
     with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002"):
         run(_config(tmp_path / "c", *common, "optim.lr=2e-3", f"checkpoint.resume={resumed['checkpoint']}"))
@@ -135,14 +126,14 @@ def _delta(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> f
 
 def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str]) -> None:
     common = [*shared, "checkpoint.every=1", "optim.warmup_steps=0"]
-    base = _weights(Path(shared[1].split("=", 1)[1]))
+    base = saved_weights(Path(shared[1].split("=", 1)[1]))
     plain = run(_config(tmp_path / "plain", *common, "optim.max_steps=3"))
     straight = run(_config(tmp_path / "a", *common, "optim.max_steps=3", "ema.decay=0.9"))
     run(_config(tmp_path / "b", *common, "optim.max_steps=2", "ema.decay=0.9"))
     resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=3", "ema.decay=0.9"))
-    ema, raw = _weights(straight["pipeline"]), _weights(plain["pipeline"])
+    ema, raw = saved_weights(straight["pipeline"]), saved_weights(plain["pipeline"])
     assert straight["losses"] == plain["losses"]  # EMA only changes what is saved, not the trajectory
-    assert all(torch.equal(ema[k], v) for k, v in _weights(resumed["pipeline"]).items())
+    assert all(torch.equal(ema[k], v) for k, v in saved_weights(resumed["pipeline"]).items())
     assert 0 < _delta(ema, base) < _delta(raw, base)
 
 
@@ -154,7 +145,7 @@ def test_lora_trains_adapters_and_saves_them_apart(tmp_path: Path, shared: list[
     base_dir = Path(shared[1].split("=", 1)[1])
     results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "model.lora_rank=4",
                           "optim.lr=1e-2"))
-    base, trained = _weights(base_dir), _weights(results["pipeline"])
+    base, trained = saved_weights(base_dir), saved_weights(results["pipeline"])
     assert base.keys() == trained.keys()  # fused and unloaded: a plain UNet again
     changed = {k.split(".")[-2] for k in base if k.startswith("unet.") and not torch.equal(base[k], trained[k])}
     assert changed == {"to_q", "to_k", "to_v", "0", "conv_in"}  # to_out.0 and the pose channels
@@ -176,7 +167,7 @@ def test_tensorboard_logging_and_8bit_adam(tmp_path: Path, shared: list[str]) ->
 
     results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "log_with=tensorboard",
                           "log_every=1", "optim.optimizer=adamw8bit"))
-    base, trained = _weights(Path(shared[1].split("=", 1)[1])), _weights(results["pipeline"])
+    base, trained = saved_weights(Path(shared[1].split("=", 1)[1])), saved_weights(results["pipeline"])
     assert _delta(trained, base) > 0
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     events.Reload()
@@ -189,7 +180,7 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path: Path, share
     plain = run(_config(tmp_path / "plain", *common))
     checkpointed = run(_config(tmp_path / "ckpt", *common, "model.gradient_checkpointing=true"))
     assert checkpointed["losses"] == pytest.approx(plain["losses"], rel=1e-6)
-    a, b = _weights(plain["pipeline"]), _weights(checkpointed["pipeline"])
+    a, b = saved_weights(plain["pipeline"]), saved_weights(checkpointed["pipeline"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -248,9 +239,9 @@ def test_bf16_mixed_precision_trains_and_saves_fp32(tmp_path: Path, shared: list
     results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "mixed_precision=bf16",
                           "validation.every=1"))  # validation mid-run sees bf16 encoders, fp32 trained parts
     assert all(0 < loss < 10 for loss in results["losses"].values())
-    trained = _weights(results["pipeline"])
+    trained = saved_weights(results["pipeline"])
     assert {v.dtype for v in trained.values()} == {torch.float32}
-    assert _delta(trained, _weights(Path(shared[1].split("=", 1)[1]))) > 0
+    assert _delta(trained, saved_weights(Path(shared[1].split("=", 1)[1]))) > 0
 
 
 def test_prediction_type_is_retargeted_and_saved(tmp_path: Path, shared: list[str]) -> None:

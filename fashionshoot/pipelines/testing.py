@@ -64,3 +64,15 @@ def save_tiny_photoshoot_pipeline(
     )
     pipe.save_pretrained(str(save_dir))
     return save_dir
+
+
+def saved_weights(pipeline_dir: str | Path, parts: tuple[str, ...] = ("unet", "garment_adapter")) -> dict:
+    """``{"<part>.<tensor name>": tensor}`` read from a saved pipeline folder's safetensors files, for
+    comparing what two runs wrote without loading the models."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for part in parts:
+        for file in sorted((Path(pipeline_dir) / part).glob("*.safetensors")):
+            out.update({f"{part}.{k}": v for k, v in load_file(file).items()})
+    return out
