@@ -33,6 +33,15 @@ def tiny_grounding_dino(tmp_path_factory):
     return save_tiny_grounding_dino(tmp_path_factory.mktemp("grounding_dino"))
 
 
+def _assert_labelled_inside(found, images, queries) -> None:
+    """Every detection carries one of the queries as its label and a box inside its image."""
+    for image, dets in zip(images, found, strict=True):
+        assert {d.label for d in dets} <= set(queries)
+        for d in dets:
+            x1, y1, x2, y2 = d.box
+            assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
+
+
 def test_owlv2_adapter_returns_boxes_in_image_pixels_and_crops(tiny_owlv2):
     detector = TransformersDetector(str(tiny_owlv2), threshold=0.0, nms_iou=1.0)
     assert isinstance(detector, Detector)
@@ -40,11 +49,7 @@ def test_owlv2_adapter_returns_boxes_in_image_pixels_and_crops(tiny_owlv2):
     queries = ["a photo of a skirt", "a photo of a top"]
     found = detector.detect([wide, tall], queries)
     assert len(found) == 2 and all(found)
-    for image, dets in zip((wide, tall), found, strict=True):
-        assert {d.label for d in dets} <= set(queries)
-        for d in dets:
-            x1, y1, x2, y2 = d.box
-            assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
+    _assert_labelled_inside(found, (wide, tall), queries)
     # independent check of the padded-square conversion: the best raw box, scaled by the long side
     inputs = detector.processor(text=[queries], images=[wide], return_tensors="pt")
     with torch.no_grad():
@@ -71,11 +76,7 @@ def test_grounding_dino_adapter_labels_boxes_by_query_tokens(tiny_grounding_dino
     queries = ["a photo of a skirt", "a photo of a top"]
     found = detector.detect([wide, tall], queries)
     assert [len(dets) for dets in found] == [16, 16], "threshold 0 and no NMS: every one of the 16 queries"
-    for image, dets in zip((wide, tall), found, strict=True):
-        assert {d.label for d in dets} <= set(queries)
-        for d in dets:
-            x1, y1, x2, y2 = d.box
-            assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
+    _assert_labelled_inside(found, (wide, tall), queries)
     # independent check on the wide image alone: token spans of each query in "[CLS] q1 . q2 . [SEP]",
     # per-query score = best token probability, boxes scaled by the image itself (no square padding)
     inputs = detector.processor(text=[queries], images=[wide], return_tensors="pt")
