@@ -257,6 +257,7 @@ everyone = [None] * accelerator.num_processes
 dist.all_gather_object(everyone, mine)
 if accelerator.is_main_process:
     print("RESULT", json.dumps({"world": accelerator.num_processes, "rank": stream.rank, "ids": everyone}))
+accelerator.end_training()  # tear the process group down before exit (gloo threads otherwise may abort)
 """
 
 

@@ -364,6 +364,7 @@ def run(config: MetricHeadsConfig) -> dict[str, Any]:
         _save(config, out, trained, results)
         log({"results": results})
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group, so exiting cannot abort in gloo threads
     return results
 
 
