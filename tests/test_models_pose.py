@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from fashionshoot import testing
 from fashionshoot.data.pose import convert_keypoints
 from fashionshoot.errors import DataError
-from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in, pose_maps, to_coco18
+from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in, pose_maps, pose_sigma, to_coco18
 from fashionshoot.weights import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +86,16 @@ def test_separable_pose_maps_equal_resized_full_heatmaps(image_size, latent_size
 
     rng = np.random.default_rng(0)
     kp = np.c_[rng.uniform(-20, image_size[1] + 20, 18), rng.uniform(-20, image_size[0] + 20, 18), rng.integers(0, 2, 18)]
-    reference = F.interpolate(keypoint_heatmaps(kp, image_size)[None], size=latent_size, mode="bilinear",
+    sigma = pose_sigma(image_size, latent_size)
+    reference = F.interpolate(keypoint_heatmaps(kp, image_size, sigma)[None], size=latent_size, mode="bilinear",
                               align_corners=False)
     assert torch.allclose(pose_maps([kp], image_size, latent_size), reference, atol=1e-6)
+
+
+def test_heatmaps_are_never_narrower_than_a_latent_pixel():
+    assert pose_sigma((512, 384), (64, 48)) == 9.0  # MGD / Fashion-RAG at SD size
+    assert pose_sigma((32, 24), (16, 12)) == 2.0  # one latent pixel, not 0.56 px
+    kp = _keypoints(18)
+    kp[:, :2] = np.round(kp[:, :2] / 2) * 2 + 0.5  # joints between latent samples
+    peaks = pose_maps([kp], (32, 32), (16, 16)).amax(dim=(-1, -2))
+    assert peaks.min() > 0.5  # every joint is clearly present in the UNet input

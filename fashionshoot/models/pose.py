@@ -61,6 +61,14 @@ def to_coco18(keypoints: object, where: str = "<keypoints>") -> np.ndarray:
     return convert_keypoints(kp, fmt, COCO18.name)
 
 
+def pose_sigma(image_size: tuple[int, int], latent_size: tuple[int, int]) -> float:
+    """Heatmap sigma in image pixels: MGD/Fashion-RAG's (9 px at 512 px height), but never below one
+    latent pixel. At SD sizes the rule is theirs (9 px > 8 px per latent); at small sizes a narrower
+    Gaussian falls between latent samples and the pose all but vanishes from the UNet input (at 32 px
+    height the MGD sigma is 0.56 px, a quarter of a latent pixel)."""
+    return max(default_sigma(image_size[0]), image_size[0] / latent_size[0])
+
+
 def pose_maps(
     keypoints: Sequence[object | None],
     image_size: tuple[int, int],
@@ -75,10 +83,10 @@ def pose_maps(
     axis alone, so two 1-D resizes and an outer product give the same maps (to float rounding) about
     300x faster at 512x384, where drawing full-size maps would cost more than a GPU training step.
     Joints outside the image are kept, not clamped: only their Gaussian tail (usually nothing) reaches
-    the frame, which is what a crop that cut them off shows.
+    the frame, which is what a crop that cut them off shows. ``sigma`` defaults to :func:`pose_sigma`.
     """
     height, width = image_size
-    sigma = default_sigma(height) if sigma is None else float(sigma)
+    sigma = pose_sigma(image_size, latent_size) if sigma is None else float(sigma)
     if sigma <= 0:
         raise DataError(f"heatmap sigma must be positive, got {sigma}")
     kp = torch.zeros(len(keypoints), POSE_CHANNELS, 3)
