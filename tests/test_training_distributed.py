@@ -37,6 +37,7 @@ def _train(out: Path, common: list[str], processes: int, batch_size: int) -> dic
     done = subprocess.run([*launch, f"output_dir={out}", f"optim.batch_size={batch_size}", *common],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("trained to step") == 1  # one summary, from the main process
     return saved_weights(out / "pipeline")
 
 

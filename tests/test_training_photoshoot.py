@@ -157,6 +157,18 @@ def test_lora_trains_adapters_and_saves_them_apart(tmp_path: Path, shared: list[
     assert all(torch.allclose(v, trained[f"unet.{k}"], atol=1e-6) for k, v in lora_only.items())
 
 
+def test_sharding_plugins_are_refused_with_the_reason() -> None:
+    from accelerate.utils import DistributedType
+
+    from fashionshoot.training.loop import check_distributed_type
+
+    for supported in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_distributed_type(supported)
+    for refused in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=f"{refused.value}.*conv_in.*DDP"):
+            check_distributed_type(refused)
+
+
 def test_lora_and_full_unet_training_exclude_each_other() -> None:
     with pytest.raises(ConfigError, match="lora_rank"):
         config_from_argv(PhotoshootTrainConfig, ["model.lora_rank=4", "model.train_unet=true"], default_path=TINY_YAML)

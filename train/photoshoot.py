@@ -22,8 +22,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "photoshoo
 def main(argv: list[str]) -> int:
     config = config_from_argv(PhotoshootTrainConfig, argv, default_path=DEFAULT_CONFIG)
     results = run(config)
-    print(f"trained to step {results['step']} ({results['nan_steps']} skipped); pipeline: {results['pipeline']}; "
-          f"samples: {results['grid']}; checkpoint: {results['checkpoint']}")
+    if results["main_process"]:  # one summary per run, not per process
+        print(f"trained to step {results['step']} ({results['nan_steps']} skipped); pipeline: {results['pipeline']}; "
+              f"samples: {results['grid']}; checkpoint: {results['checkpoint']}")
     return 0
 
 

@@ -11,16 +11,16 @@ no text by default so only the garment can carry identity) and measures:
   embedding. The default encoder is the training-free colour :class:`~fashionshoot.retrieval.encoders.
   HistogramEncoder`; reported with ``chance_r@k`` (k / gallery size) and ``oracle_r@k`` (the same
   protocol applied to the ground-truth lookbooks at the output size: the ceiling of this encoder).
-* **Pose following**: where the garment's colours appear along the bones of the given pose versus
-  along the bones of *other* test pairs' poses. For pair ``i`` a likeness map ``L_i`` scores every
-  generated pixel by its colour distance to the nearest colour of garment ``i`` (product shot,
-  background removed); ``E_i(pose)`` is the mean of ``L_i`` at points along the pose's COCO-18 bones,
-  each bone weighted by how much of garment ``i`` the ground-truth lookbook shows on it (so a skirt is
-  looked for on the legs, a top on the torso and arms). ``pose_own`` is ``E_i(pose_i)``,
-  ``pose_other`` the mean of ``E_i(pose_j)`` over ``j != i``, ``pose_contrast`` their difference and
-  ``pose_accuracy`` the fraction of ``(i, j)`` with ``E_i(pose_i) > E_i(pose_j)`` (chance 0.5). A
-  model that ignores the pose, or puts the garment anywhere else, scores contrast ~0 and accuracy
-  ~0.5; ``oracle_pose_*`` are the same numbers for the ground-truth lookbooks.
+* **Pose following**: does the garment sit where the given pose puts it? Each test garment has
+  lookbooks in several poses. For pair ``i`` a likeness map ``L_i`` scores every pixel by its colour
+  distance to the nearest colour of garment ``i`` (product shot, background removed). ``pose_own`` is the
+  Pearson correlation of ``L_i`` on the generation with ``L_i`` on the ground-truth lookbook of the pose
+  it was given; ``pose_other`` the mean correlation with ``L_i`` on the same garment's lookbooks in its
+  *other* poses; ``pose_contrast`` their difference and ``pose_accuracy`` the fraction of (pair, other
+  pose) with own > other (chance 0.5; the ground truth itself scores 1). Same garment on both sides, so
+  only the pose (where, how large, which way the limbs go) can make the difference; a model that ignores
+  the pose scores contrast ~0 and accuracy ~0.5. Pairs whose garment has one lookbook are skipped
+  (``pose_pairs`` counts the comparisons).
 
 Everything is deterministic given the pipeline, the records and :class:`ValidationSettings`.
 """
@@ -39,13 +39,6 @@ from PIL import Image
 from fashionshoot.data.records import PairRecord
 from fashionshoot.errors import DataError
 
-#: COCO-18 bones the pose score samples: torso outline and diagonals, arms, legs (no face).
-BONES: tuple[tuple[int, int], ...] = (
-    (1, 2), (1, 5), (2, 5), (2, 3), (3, 4), (5, 6), (6, 7),  # shoulders, arms
-    (1, 8), (1, 11), (2, 8), (5, 11), (8, 11),  # torso
-    (8, 9), (9, 10), (11, 12), (12, 13),  # legs
-)
-_POINTS_PER_BONE = 8
 #: Product-shot pixels brighter than this in every channel are studio backdrop, not garment.
 _BACKGROUND = 235
 _PALETTE_SIZE = 16
@@ -145,65 +138,40 @@ def _likeness(image: Image.Image, palette: np.ndarray, sigma: float) -> np.ndarr
     return np.exp(-d2 / (2 * sigma**2)).reshape(pixels.shape[:2])
 
 
-def _bone_points(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(bones, points, 2)`` sample points along each bone and ``(bones,)`` validity (both ends seen)."""
-    t = np.linspace(0.0, 1.0, _POINTS_PER_BONE)[:, None]
-    points = np.stack([(1 - t) * keypoints[a, :2] + t * keypoints[b, :2] for a, b in BONES])
-    valid = np.array([keypoints[a, 2] > 0 and keypoints[b, 2] > 0 for a, b in BONES])
-    return points, valid
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps (0 when either is constant)."""
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / norm) if norm > 0 else 0.0
 
 
-def _sample(likeness: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Mean likeness per bone at its points (nearest pixel; points outside the frame count 0)."""
-    h, w = likeness.shape
-    cols, rows = np.floor(points[..., 0]).astype(int), np.floor(points[..., 1]).astype(int)
-    inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
-    values = np.where(inside, likeness[rows.clip(0, h - 1), cols.clip(0, w - 1)], 0.0)
-    return values.mean(-1)
+def pose_scores(images: Sequence[Image.Image], truths: Sequence[Image.Image],
+                other_poses: Sequence[Sequence[Image.Image]], garments: Sequence[Image.Image],
+                colour_sigma: float = 40.0) -> dict[str, float]:
+    """``pose_own``, ``pose_other``, ``pose_contrast``, ``pose_accuracy``, ``pose_pairs`` (see module doc).
 
-
-def pose_scores(images: Sequence[Image.Image], lookbooks: Sequence[Image.Image], garments: Sequence[Image.Image],
-                keypoints: Sequence[np.ndarray | None], colour_sigma: float = 40.0) -> dict[str, float]:
-    """``pose_own``, ``pose_other``, ``pose_contrast``, ``pose_accuracy`` of ``images`` (see module doc).
-
-    ``keypoints`` are COCO-18 ``(18, 3)`` rows in the pixels of ``images`` (``None``: pair skipped);
-    ``lookbooks`` (the ground truth at the same size) only decide how much each bone counts.
-    Returns NaNs when fewer than two pairs have keypoints.
+    ``images[i]`` was generated for ``garments[i]`` in the pose of ``truths[i]`` (its ground-truth
+    lookbook); ``other_poses[i]`` are lookbooks of the same garment in other poses, all at the size of
+    ``images``. Returns NaNs (and ``pose_pairs`` 0) when no pair has another pose to compare with.
     """
-    usable = [i for i, kp in enumerate(keypoints) if kp is not None]
-    nan = {k: float("nan") for k in ("pose_own", "pose_other", "pose_contrast", "pose_accuracy")}
-    if len(usable) < 2:
-        return nan
-    bones = {i: _bone_points(np.asarray(keypoints[i], dtype=np.float32)) for i in usable}
-    own, other, wins, trials = [], [], 0, 0
-    for i in usable:
-        palette = _palette(garments[i])
-        points, valid = bones[i]
-        weight = _sample(_likeness(lookbooks[i], palette, colour_sigma), points) * valid + 1e-6 * valid
-        if weight.sum() <= 0:
+    own, other, wins, trials = [], [], 0.0, 0
+    for image, truth, alternatives, garment in zip(images, truths, other_poses, garments, strict=True):
+        if not alternatives:
             continue
-        weight = weight / weight.sum()
-        generated = _likeness(images[i], palette, colour_sigma)
-        mine = float((_sample(generated, points) * weight).sum())
-        theirs = []
-        for j in usable:
-            if j == i:
-                continue
-            points_j, valid_j = bones[j]
-            w = weight * valid_j
-            if w.sum() <= 0:
-                continue
-            theirs.append(float((_sample(generated, points_j) * w).sum() / w.sum()))
-        if not theirs:
-            continue
+        palette = _palette(garment)
+        generated = _likeness(image, palette, colour_sigma)
+        mine = _correlation(generated, _likeness(truth, palette, colour_sigma))
+        theirs = [_correlation(generated, _likeness(alt, palette, colour_sigma)) for alt in alternatives]
         own.append(mine)
         other.append(float(np.mean(theirs)))
         wins += sum(mine > t for t in theirs) + 0.5 * sum(mine == t for t in theirs)
         trials += len(theirs)
     if not own:
-        return nan
+        return {**{k: float("nan") for k in ("pose_own", "pose_other", "pose_contrast", "pose_accuracy")},
+                "pose_pairs": 0.0}
     return {"pose_own": float(np.mean(own)), "pose_other": float(np.mean(other)),
-            "pose_contrast": float(np.mean(own) - np.mean(other)), "pose_accuracy": wins / trials}
+            "pose_contrast": float(np.mean(own) - np.mean(other)), "pose_accuracy": wins / trials,
+            "pose_pairs": float(trials)}
 
 
 def _recall(encoder: Any, gallery: Sequence[Image.Image], gallery_ids: Sequence[str], queries: Sequence[Image.Image],
@@ -218,6 +186,12 @@ def _recall(encoder: Any, gallery: Sequence[Image.Image], gallery_ids: Sequence[
         sync_on_compute=False)  # validation runs on the main process only: no cross-process gather
     metric.update([_to_tensor(q, side) for q in queries], list(query_ids))
     return metric.compute()
+
+
+def _lookbook(root: str | Path, record: PairRecord, size: tuple[int, int]) -> Image.Image:
+    """The record's lookbook at output ``size`` ``(height, width)``, resized as the ground truth of a generation."""
+    with Image.open(Path(root) / record.lookbook_image) as img:
+        return img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
 
 
 def _crop(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
@@ -254,7 +228,6 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
     images: list[Image.Image] = []
     garments: list[Image.Image] = []
     lookbooks: list[Image.Image] = []
-    keypoints: list[np.ndarray | None] = []
     boxes: list[tuple[int, int, int, int] | None] = []
     for start in range(0, len(chosen), settings.batch_size):
         samples = [dataset[i] for i in range(start, min(start + settings.batch_size, len(chosen)))]
@@ -265,10 +238,9 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
         images += pipe(garments=outfits, keypoints=batch["keypoints"], prompt=prompts, height=height, width=width,
                        num_inference_steps=settings.steps, guidance_scale_text=guidance_text,
                        guidance_scale_garment=settings.guidance_garment, generator=generator).images
-        for sample, kp in zip(samples, batch["keypoints"], strict=True):
+        for sample in samples:
             garments.append(sample["garment"].convert("RGB"))
             lookbooks.append(sample["lookbook"].convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
-            keypoints.append(kp)
             boxes.append(_box(sample["record"], sample["lookbook"].size, settings.resolution) if settings.crop else None)
 
     gallery_ids = list(gallery_records)
@@ -288,9 +260,12 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
         metrics[f"garment_r@{k}"] = float(recall[k])
         metrics[f"chance_r@{k}"] = min(k, len(gallery_ids)) / len(gallery_ids)
         metrics[f"oracle_r@{k}"] = float(oracle[k])
-    metrics.update(pose_scores(images, lookbooks, garments, keypoints, settings.colour_sigma))
-    metrics.update({f"oracle_{k}": v for k, v in
-                    pose_scores(lookbooks, lookbooks, garments, keypoints, settings.colour_sigma).items()})
+    lookbooks_of: dict[str, list[PairRecord]] = {}
+    for record in records:
+        lookbooks_of.setdefault(record.garment_id, []).append(record)
+    other_poses = [[_lookbook(root, other, settings.resolution) for other in lookbooks_of[record.garment_id]
+                    if other.lookbook_image != record.lookbook_image] for record in chosen]
+    metrics.update(pose_scores(images, lookbooks, other_poses, garments, settings.colour_sigma))
     return ValidationResult(metrics, images, chosen, garments, lookbooks)
 
 

@@ -15,6 +15,8 @@ class SyntheticConfig:
 
     Sizes are (height, width) in pixels. ``figure_scale`` is the figure's height as a fraction of
     the lookbook height (above 1 the figure is cropped by the frame, as in editorial close-ups).
+    ``framing_jitter`` is the (x, y) standard deviation of the garment's place in the frame around the
+    centre, as fractions of width and height: raise it to make the pose decide where the figure stands.
     ``heldout_categories`` puts every garment of those categories in the test split (zero-shot
     category split) on top of the random ``test_fraction`` of garments. With ``outfit`` the other
     garments a figure wears are random (distractors); without it they are plain dark grey.
@@ -34,6 +36,7 @@ class SyntheticConfig:
     clutter: tuple[int, int] = (3, 9)
     figure_scale: tuple[float, float] = (0.8, 1.4)
     max_rotation: float = 15.0
+    framing_jitter: tuple[float, float] = (0.1, 0.08)
     supersample: int = 2
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class SyntheticConfig:
             fail("clutter", "must be (min, max) shape counts with 0 <= min <= max <= 40")
         if len(self.figure_scale) != 2 or not 0.3 <= self.figure_scale[0] <= self.figure_scale[1] <= 3.0:
             fail("figure_scale", "must be (min, max) with 0.3 <= min <= max <= 3")
+        if len(self.framing_jitter) != 2 or not all(0.0 <= j <= 0.5 for j in self.framing_jitter):
+            fail("framing_jitter", "must be (x, y) fractions of width and height, each in [0, 0.5]")
         if not 0.0 <= self.max_rotation <= 90.0:
             fail("max_rotation", "must be in [0, 90] degrees")
         if not 1 <= self.supersample <= 4:

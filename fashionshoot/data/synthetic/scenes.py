@@ -164,7 +164,8 @@ def _place(rng: np.random.Generator, figure: list[Piece], garment: list[Piece], 
         rotation = rng.uniform(-config.max_rotation, config.max_rotation)
         pull = rng.uniform(0.3, 1.0)
         pivot = (1 - pull) * figure_centre + pull * garment_centre
-        centre = (w * (0.5 + rng.normal(0.0, 0.1)), h * (0.5 + rng.normal(0.0, 0.08)))
+        jitter_x, jitter_y = config.framing_jitter
+        centre = (w * (0.5 + rng.normal(0.0, jitter_x)), h * (0.5 + rng.normal(0.0, jitter_y)))
         placement = Placement(float(scale), float(rotation), (float(pivot[0]), float(pivot[1])), centre)
         pts = placement.points(garment_points)
         box = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max())
