@@ -18,8 +18,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fashionshoot.data.records import PairRecord
 from fashionshoot.errors import DataError
 from fashionshoot.training.data import vae_pixels
+
+#: At most this many images (evenly spaced) fit a tiny VAE: plenty for a few hundred steps.
+MAX_FIT_IMAGES = 2048
 
 
 def fit_tiny_vae(
@@ -75,6 +79,18 @@ def fit_tiny_vae(
     return {"loss": float(loss.detach()), "mse": float(mse), "scaling_factor": scaling}
 
 
+def training_images(records: Sequence[PairRecord], root: str | Path) -> list[Image.Image]:
+    """The distinct lookbooks and product shots of ``records`` (paths relative to ``root``), at most
+    :data:`MAX_FIT_IMAGES` of them, evenly spaced: what a tiny VAE is fitted on (training pairs only)."""
+    paths = sorted({r.lookbook_image for r in records} | {r.garment_image for r in records})
+    stride = max(1, -(-len(paths) // MAX_FIT_IMAGES))
+    images = []
+    for path in paths[::stride]:
+        with Image.open(Path(root) / path) as img:
+            images.append(img.convert("RGB"))
+    return images
+
+
 def save_pretrained_tiny_photoshoot_pipeline(
     save_dir: str | Path,
     images: Sequence[Image.Image],
@@ -84,10 +100,12 @@ def save_pretrained_tiny_photoshoot_pipeline(
     **tiny: Any,
 ) -> tuple[Path, dict[str, float]]:
     """:func:`~fashionshoot.pipelines.testing.save_tiny_photoshoot_pipeline` (``tiny`` passed on; a fresh
-    zero-initialised adapter unless told otherwise) followed by :func:`fit_tiny_vae` on ``images``.
-    Returns the folder and the VAE fit's figures."""
+    zero-initialised adapter unless told otherwise) followed by :func:`fit_tiny_vae` on ``images``
+    (``vae_steps`` 0: the VAE stays random). Returns the folder and the VAE fit's figures."""
     from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
 
     tiny.setdefault("randomize_zero_init", False)
     folder = save_tiny_photoshoot_pipeline(save_dir, seed=seed, **tiny)
+    if vae_steps == 0:
+        return folder, {}
     return folder, fit_tiny_vae(folder, images, resolution=resolution, steps=vae_steps, seed=seed)

@@ -56,7 +56,10 @@ class ModelConfig:
     (``lora_targets``) and trains them instead of the whole UNet (scale ``lora_alpha / lora_rank``;
     ``lora_alpha`` 0 means equal to the rank). ``gradient_checkpointing`` trades UNet compute for memory.
     ``prediction_type`` ("" keeps the base scheduler's) retargets the UNet: ``epsilon``, ``v_prediction``
-    or ``sample`` (x0); the pipeline is saved with it so sampling matches."""
+    or ``sample`` (x0); the pipeline is saved with it so sampling matches. ``tiny_vae_steps``: the
+    tiny base's VAE is first fitted to the training images for this many steps
+    (:func:`~fashionshoot.pipelines.tiny_pretraining.fit_tiny_vae`; 0 leaves it random, so decoded
+    samples and their metrics are noise whatever the UNet learns)."""
 
     pretrained: str = ""
     base: str = ""
@@ -68,6 +71,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     gradient_checkpointing: bool = False
     prediction_type: Literal["", "epsilon", "v_prediction", "sample"] = ""
+    tiny_vae_steps: int = 300
 
 
 @dataclass
@@ -183,6 +187,8 @@ class PhotoshootTrainConfig:
         if bool(self.model.base) != bool(self.model.image_encoder):
             raise ConfigError("model.base and model.image_encoder go together (an SD folder and a CLIP/SigLIP "
                               f"folder), got base={self.model.base!r}, image_encoder={self.model.image_encoder!r}")
+        if self.model.tiny_vae_steps < 0:
+            raise ConfigError(f"model.tiny_vae_steps must be >= 0 (0: random tiny VAE), got {self.model.tiny_vae_steps}")
         if not 0.0 <= self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         starts = [start for start, _ in self.data.curriculum]

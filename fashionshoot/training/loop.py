@@ -223,7 +223,7 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
 
 def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
     """Generate the synthetic set and the base pipeline if needed (main process only); the base path."""
-    load_records(config.data, out)
+    records, root = load_records(config.data, out)
     if config.model.pretrained:
         return Path(config.model.pretrained)
     base = out / "base"
@@ -235,10 +235,12 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
                                                 conditioning=config.model.conditioning)
             pipe.save_pretrained(str(base))
         else:
-            from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+            from fashionshoot.pipelines.tiny_pretraining import save_pretrained_tiny_photoshoot_pipeline, training_images
 
-            save_tiny_photoshoot_pipeline(base, conditioning=config.model.conditioning, randomize_zero_init=False,
-                                          seed=config.seed)
+            train = select(records, config.data, config.data.train_split)
+            save_pretrained_tiny_photoshoot_pipeline(
+                base, training_images(train, root), resolution=tuple(config.data.resolution),
+                vae_steps=config.model.tiny_vae_steps, seed=config.seed, conditioning=config.model.conditioning)
     return base
 
 
