@@ -32,3 +32,22 @@ def test_fitted_vae_reconstructs_and_round_trips(tmp_path: Path) -> None:
     assert fitted.config.scaling_factor == pytest.approx(fit["scaling_factor"])
     assert _reconstruction_mse(fitted, pixels) == pytest.approx(fit["mse"], rel=1e-4)
     assert fit["mse"] < 0.5 * _reconstruction_mse(random_vae, pixels)
+
+
+def test_training_images_are_the_distinct_pictures_of_the_pairs_evenly_capped(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from fashionshoot.data.records import PairRecord
+    from fashionshoot.pipelines import tiny_pretraining
+
+    for i in range(6):
+        Image.new("RGB", (4, 4), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    # Two pairs share garment 0.png: it is fitted once.
+    records = [PairRecord("a", "g0", "l1", "0.png", "1.png"), PairRecord("b", "g0", "l2", "0.png", "2.png"),
+               PairRecord("c", "g3", "l4", "3.png", "4.png"), PairRecord("d", "g3", "l5", "3.png", "5.png")]
+    reds = [img.getpixel((0, 0))[0] for img in tiny_pretraining.training_images(records, tmp_path)]
+    assert reds == [0, 40, 80, 120, 160, 200]
+    monkeypatch.setattr(tiny_pretraining, "MAX_FIT_IMAGES", 3)
+    reds = [img.getpixel((0, 0))[0] for img in tiny_pretraining.training_images(records, tmp_path)]
+    assert reds == [0, 80, 160]  # every second one, spread over the whole set
