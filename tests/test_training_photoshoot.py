@@ -48,8 +48,11 @@ def _config(out: Path, *overrides: str) -> PhotoshootTrainConfig:
 def test_default_config_end_to_end(tmp_path: Path) -> None:
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
 
+    (tmp_path / ".base-incomplete" / "vae").mkdir(parents=True)  # what a run killed mid-build leaves
+    (tmp_path / "base").mkdir()
     results = run(_config(tmp_path, "optim.max_steps=2", "checkpoint.every=1", "checkpoint.keep=1",
                           "validation.every=1"))
+    assert (tmp_path / "base" / "model_index.json").is_file() and not (tmp_path / ".base-incomplete").exists()
     assert results["step"] == 2 and results["nan_steps"] == 0 and set(results["losses"]) == {1, 2}
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-00000002"]  # rotated, keep=1
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

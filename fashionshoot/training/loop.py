@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,25 +223,34 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
 
 
 def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
-    """Generate the synthetic set and the base pipeline if needed (main process only); the base path."""
+    """Generate the synthetic set and the base pipeline if needed (main process only); the base path.
+
+    The base is built in a temporary folder and renamed into place, so a run killed while fitting the
+    tiny VAE leaves no half-made base that a rerun would take as finished."""
     records, root = load_records(config.data, out)
     if config.model.pretrained:
         return Path(config.model.pretrained)
     base = out / "base"
-    if not (base / "model_index.json").is_file():
-        if config.model.base:
-            from fashionshoot.pipelines.assemble import assemble_photoshoot_pipeline
+    if (base / "model_index.json").is_file():
+        return base
+    building = out / ".base-incomplete"
+    shutil.rmtree(building, ignore_errors=True)
+    if config.model.base:
+        from fashionshoot.pipelines.assemble import assemble_photoshoot_pipeline
 
-            pipe = assemble_photoshoot_pipeline(config.model.base, config.model.image_encoder,
-                                                conditioning=config.model.conditioning)
-            pipe.save_pretrained(str(base))
-        else:
-            from fashionshoot.pipelines.tiny_pretraining import save_pretrained_tiny_photoshoot_pipeline, training_images
+        pipe = assemble_photoshoot_pipeline(config.model.base, config.model.image_encoder,
+                                            conditioning=config.model.conditioning)
+        pipe.save_pretrained(str(building))
+    else:
+        from fashionshoot.pipelines.tiny_pretraining import save_pretrained_tiny_photoshoot_pipeline, training_images
 
-            train = select(records, config.data, config.data.train_split)
-            save_pretrained_tiny_photoshoot_pipeline(
-                base, training_images(train, root), resolution=tuple(config.data.resolution),
-                vae_steps=config.model.tiny_vae_steps, seed=config.seed, conditioning=config.model.conditioning)
+        steps = config.model.tiny_vae_steps
+        images = training_images(select(records, config.data, config.data.train_split), root) if steps else []
+        save_pretrained_tiny_photoshoot_pipeline(building, images, resolution=tuple(config.data.resolution),
+                                                 vae_steps=steps, seed=config.seed,
+                                                 conditioning=config.model.conditioning)
+    shutil.rmtree(base, ignore_errors=True)  # ours, and without model_index.json: an unfinished base
+    building.rename(base)
     return base
 
 
