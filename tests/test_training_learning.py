@@ -1,6 +1,6 @@
 """Proof that the photoshoot trainer learns (slow-marked; CI runs it).
 
-``train/photoshoot.py``'s default config, as shipped, trains for a few CPU minutes on the synthetic set
+``train/photoshoot.py``'s default config, as shipped, trains for about ten CPU minutes on the synthetic set
 (tiny UNet trained in full, tiny VAE fitted to the training images first). Measured on the held-out
 garments by :mod:`fashionshoot.training.validation`, the generations then
 
