@@ -197,7 +197,7 @@ class RetrievalEnsemble:
                 if self.fusion == "weighted":
                     scale[n] = share[n]
                 else:
-                    mean, std = dot_mean_std(q_rows[n].float(), self._moments(g[n]))
+                    mean, std = dot_mean_std(q_rows[n].float(), cached_moments(g[n]))
                     scale[n] = share[n] / (std + _EPS)
                     shift = shift - mean * scale[n]
             count = len(q_rows[names[0]])
@@ -228,15 +228,13 @@ class RetrievalEnsemble:
                         else:
                             fused_tile.addcmul_(tile, scale[n])
                         first = False
-                    elif n not in stats:
-                        pass
-                    elif self.fusion == "zscore":
+                    elif n in stats and self.fusion == "zscore":
                         if col == 0:  # centre on the first tile's row mean: no cancellation later
                             pivot[n] = tile.mean(dim=1, keepdim=True)
                         centred = tile - pivot[n]
                         acc[n][0] += centred.sum(dim=1, keepdim=True, dtype=torch.float64)
                         acc[n][1] += torch.linalg.vecdot(centred, centred).unsqueeze(1).double()
-                    else:
+                    elif n in stats:
                         low, high = tile.aminmax(dim=1, keepdim=True)
                         torch.minimum(acc[n][0], low, out=acc[n][0])
                         torch.maximum(acc[n][1], high, out=acc[n][1])
@@ -265,9 +263,6 @@ class RetrievalEnsemble:
     def _dot(self, name: str) -> bool:
         """Whether member ``name`` scores by plain inner product (no ``similarity`` of its own)."""
         return not callable(getattr(self.members[name], "similarity", None))
-
-    def _moments(self, gallery: torch.Tensor) -> GalleryMoments:
-        return cached_moments(gallery)
 
     def prepare(self, gallery: Sequence[Image.Image] | Embeddings) -> Embeddings:
         """Embed ``gallery`` (unless given embeddings) and cache the cosine members' gallery moments,
@@ -314,7 +309,7 @@ class RetrievalEnsemble:
         """Exact fused top-k of dot-product members under a linear fusion: one :class:`ExactIndex`
         scan over the members' galleries side by side, with pre-scaled queries (bounded memory)."""
         names = list(self.members)
-        moments = {n: self._moments(g[n]) for n in names} if self.fusion == "zscore" else None
+        moments = {n: cached_moments(g[n]) for n in names} if self.fusion == "zscore" else None
         scaled, shift = linear_fusion({n: q[n] for n in names}, moments, self.fusion, self.weights)
         parts = [g[n] for n in names]
         dtypes = {p.dtype for p in parts}

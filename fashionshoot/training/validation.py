@@ -84,7 +84,7 @@ class ValidationResult:
     lookbooks: list[Image.Image]
 
     def grid(self, max_rows: int = 8) -> Image.Image:
-        """Rows of garment | generated | ground truth (as :func:`fashionshoot.training.loop.sample_grid`)."""
+        """Rows of garment | generated | ground truth, at most ``max_rows``, tiles at the generation size."""
         rows = list(zip(self.garments, self.images, self.lookbooks, strict=True))[:max_rows]
         width, height = self.images[0].size
         grid = Image.new("RGB", (3 * width, len(rows) * height))
