@@ -221,6 +221,42 @@ def test_min_snr_weights_and_noise_offset(tmp_path: Path, shared: list[str]) -> 
     plain = run(_config(tmp_path / "plain", *common))
     weighted = run(_config(tmp_path / "snr", *common, "loss.snr_gamma=5", "loss.noise_offset=0.1"))
     assert 0 < weighted["losses"][1] != plain["losses"][1]
+    region = run(_config(tmp_path / "region", *common, "loss.garment_weight=4"))
+    assert 0 < region["losses"][1] != plain["losses"][1]
+
+
+def test_garment_region_weights_follow_the_box() -> None:
+    from fashionshoot.training.loop import garment_region_weights
+
+    boxes = torch.tensor([[4.0, 8.0, 12.0, 20.0], [float("nan")] * 4, [0.0, 0.0, 24.0, 32.0]])
+    weights = garment_region_weights(boxes, (32, 24), (16, 12), garment_weight=3.0)
+    assert weights.shape == (3, 1, 16, 12)
+    assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(3))  # the loss keeps its scale
+    inside = torch.zeros(16, 12, dtype=torch.bool)
+    inside[4:10, 2:6] = True  # latent cells (2 px) overlapping x 4-12, y 8-20
+    boxed = weights[0, 0]
+    assert torch.allclose(boxed[inside], torch.full((24,), 4.0 * boxed[~inside][0]))
+    assert torch.equal(boxed[~inside], torch.full((168,), boxed[~inside][0]))
+    assert torch.equal(weights[1], torch.ones(1, 16, 12)) and torch.equal(weights[2], torch.ones(1, 16, 12))
+
+
+def test_collated_garment_box_is_in_training_pixels() -> None:
+    from transformers import CLIPImageProcessor
+
+    from fashionshoot.data.records import PairRecord
+    from fashionshoot.models.outfit import OUTFIT_SLOTS
+    from fashionshoot.training.data import PhotoshootCollator
+
+    def sample(box: tuple[float, float, float, float] | None) -> dict:
+        record = PairRecord("p", "g", "l", "g.png", "l.png", category="top", crop_box=box)
+        return {"record": record, "garment": Image.new("RGB", (8, 8)), "lookbook": Image.new("RGB", (48, 64)),
+                "weight": 1.0}
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})
+    collator = PhotoshootCollator(processor, OUTFIT_SLOTS, {}, (32, 24))
+    boxes = collator([sample((6.0, 10.0, 30.0, 50.0)), sample(None)])["garment_box"]
+    assert torch.equal(boxes[0], torch.tensor([3.0, 5.0, 15.0, 25.0]))  # lookbook 64x48 -> training 32x24
+    assert torch.isnan(boxes[1]).all()
 
 
 def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[str]) -> None:

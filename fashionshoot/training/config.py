@@ -104,10 +104,15 @@ class LossConfig:
     """Diffusion-loss options. ``snr_gamma`` > 0: min-SNR weighting (Hang et al. 2023), each timestep's
     loss scaled by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction); 5 is the paper's value.
     ``noise_offset`` > 0 adds a per-channel constant to the noise (lets the model learn very dark or
-    bright images; 0.05-0.1 is usual)."""
+    bright images; 0.05-0.1 is usual). ``garment_weight`` > 0: latent pixels inside the pair's garment
+    box (``crop_box``) weigh ``1 + garment_weight`` against 1 elsewhere, rescaled so each sample's
+    weights average 1. Why: the scene is most of the image and easy to reproduce, so an unweighted
+    MSE is mostly about it; the garment is the small region the conditioning is about. Pairs without
+    a box keep uniform weights."""
 
     snr_gamma: float = 0.0
     noise_offset: float = 0.0
+    garment_weight: float = 0.0
 
 
 @dataclass

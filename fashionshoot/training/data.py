@@ -77,12 +77,22 @@ def _keypoints(record: PairRecord, lookbook: Image.Image, size: tuple[int, int])
     return kp
 
 
+def _box(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> list[float]:
+    """The garment box ``(x1, y1, x2, y2)`` in training-resolution pixels; NaNs when the record has none."""
+    if record.crop_box is None:
+        return [float("nan")] * 4
+    x1, y1, x2, y2 = record.crop_box
+    sx, sy = size[1] / lookbook.width, size[0] / lookbook.height
+    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+
+
 class PhotoshootCollator:
     """DataLoader ``collate_fn`` for :class:`PairManifestDataset` samples holding PIL images.
 
     Returns ``lookbook`` and ``garment_vae`` ``(B, 3, H, W)`` in ``[-1, 1]``, ``garment_clip`` (image
     processor output), ``slot_mask`` ``(B, S)`` with one garment per sample, ``keypoints`` (list,
-    ``None`` where missing), ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
+    ``None`` where missing), ``garment_box`` ``(B, 4)`` (training pixels, NaN rows where missing),
+    ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
     """
 
     def __init__(self, image_processor: Any, slots: Sequence[str], slot_map: Mapping[str, str],
@@ -104,6 +114,8 @@ class PhotoshootCollator:
             "garment_clip": self.image_processor(images=garments, return_tensors="pt").pixel_values,
             "slot_mask": slot_mask,
             "keypoints": [_keypoints(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
+            "garment_box": torch.tensor([_box(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
+                                        dtype=torch.float32),
             "prompts": [str(r.metadata.get("caption", "")) for r in records],
             "weight": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
             "pair_ids": [r.pair_id for r in records],

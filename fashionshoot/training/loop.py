@@ -178,10 +178,27 @@ def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float)
     return {"v_prediction": clipped / (snr + 1), "sample": clipped}.get(prediction, clipped / snr)
 
 
+def garment_region_weights(boxes: torch.Tensor, pixels: tuple[int, int], latents: tuple[int, int],
+                           garment_weight: float) -> torch.Tensor:
+    """``(B, 1, h, w)`` loss weights: ``1 + garment_weight`` on latent pixels whose cell overlaps the
+    sample's garment box, 1 elsewhere, divided by the sample's mean so only *where* the loss comes from
+    changes, not its scale. ``boxes`` ``(B, 4)``: ``(x1, y1, x2, y2)`` in ``pixels`` ``(H, W)``
+    coordinates; a NaN row (no box) gives uniform weights."""
+    (height, width), (h, w) = pixels, latents
+    cell_y, cell_x = height / h, width / w
+    top, left = torch.arange(h) * cell_y, torch.arange(w) * cell_x
+    x1, y1, x2, y2 = (c[:, None] for c in boxes.float().unbind(1))
+    rows = (top + cell_y > y1) & (top < y2)  # (B, h); comparisons with NaN are False
+    cols = (left + cell_x > x1) & (left < x2)  # (B, w)
+    weights = 1.0 + garment_weight * (rows[:, :, None] & cols[:, None, :]).float()
+    return (weights / weights.mean(dim=(1, 2), keepdim=True))[:, None]
+
+
 def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: Any, batch: dict[str, Any],
                   randomness: SampleRandomness, dropout: DropoutConfig, loss: LossConfig,
                   weight_norm: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Confidence- (and optionally min-SNR-) weighted noise-prediction MSE of one batch, after condition dropout.
+    """Confidence- (and optionally min-SNR- and garment-region-) weighted diffusion MSE of one batch,
+    after condition dropout.
 
     The result is ``sum(weight * mse) / weight_norm``; the loop passes ``weight_norm`` = the mean over
     processes of their batch weight sums, so that DDP's gradient average equals the gradient of the
@@ -217,7 +234,11 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     pred = denoiser(noisy, timesteps, text, dropped["slot_mask"], image_features=features,
                     garment_latents=garment_latents, reference_context=reference_context, pose=pose,
                     inpaint=inpaint)
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if loss.garment_weight:
+        squared = squared * garment_region_weights(batch["garment_box"], tuple(batch["lookbook"].shape[-2:]),
+                                                   tuple(squared.shape[-2:]), loss.garment_weight).to(squared.device)
+    per_sample = squared.mean(dim=(1, 2, 3))
     weight = batch["weight"].to(frozen.device) * min_snr_weights(noise_scheduler, timesteps, loss.snr_gamma)
     return (per_sample * weight).sum() / weight_norm
 
@@ -242,7 +263,10 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
                                             conditioning=config.model.conditioning)
         pipe.save_pretrained(str(building))
     else:
-        from fashionshoot.pipelines.tiny_pretraining import save_pretrained_tiny_photoshoot_pipeline, training_images
+        from fashionshoot.pipelines.tiny_pretraining import (
+            save_pretrained_tiny_photoshoot_pipeline,
+            training_images,
+        )
 
         steps = config.model.tiny_vae_steps
         images = training_images(select(records, config.data, config.data.train_split), root) if steps else []
