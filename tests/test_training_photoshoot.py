@@ -164,16 +164,22 @@ def test_lora_trains_adapters_and_saves_them_apart(tmp_path: Path, shared: list[
     assert all(torch.allclose(v, trained[f"unet.{k}"], atol=1e-6) for k, v in lora_only.items())
 
 
-def test_sharding_plugins_are_refused_with_the_reason() -> None:
+def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
     from accelerate.utils import DistributedType
 
     from fashionshoot.training.loop import check_distributed_type
 
     for supported in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_distributed_type(supported)
-    for refused in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        with pytest.raises(ConfigError, match=f"{refused.value}.*conv_in.*DDP"):
-            check_distributed_type(refused)
+    for stage in (0, 1, 2):
+        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": stage},
+                                                          "bf16": {"enabled": False}})
+    with pytest.raises(ConfigError, match="ZeRO stage 3.*partitioned"):
+        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 3}})
+    with pytest.raises(ConfigError, match="DeepSpeed bf16.*half precision.*DDP"):
+        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match="FSDP.*conv_in.*DDP"):
+        check_distributed_type(DistributedType.FSDP)
 
 
 def test_lora_and_full_unet_training_exclude_each_other() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -313,6 +314,12 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     optimizer = make_optimizer(groups, config.optim)
     lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
                                  num_training_steps=config.optim.max_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        # No dataloader goes through prepare, and the loop accumulates and clips by its own config.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=config.optim.batch_size,
+            gradient_accumulation_steps=config.optim.grad_accum,
+            gradient_clipping=config.optim.max_grad_norm)
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
     params = [p for group in groups for p in group["params"]]
@@ -383,23 +390,47 @@ def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_distributed_type(distributed_type: Any) -> None:
-    """Refuse accelerate's FSDP and DeepSpeed plugins with the reason, instead of training wrongly.
+def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None) -> None:
+    """Refuse accelerate's FSDP plugin, DeepSpeed ZeRO-3 and DeepSpeed half precision with the reason,
+    instead of training wrongly.
 
-    Under both, the main process would save and validate a pipeline whose modules hold shards
-    (FSDP saved flat views without any error in a forced CPU trial), the ``conv_in`` gradient mask is a
-    tensor hook that sharded parameters bypass (the frozen latent channels moved), and DeepSpeed steps
-    the optimizer itself on every synchronising backward, which the loop's own accumulation does not
-    expect. Until those paths gather full weights and mask through the optimizer, DDP is the supported
-    multi-GPU mode.
+    FSDP and ZeRO-3 shard the parameters themselves: the main process would save and validate a pipeline
+    whose modules hold shards (ZeRO-3 wrote 0-element tensors, then deadlocked in main-only validation;
+    FSDP saved flat views), and EMA would average shards. DeepSpeed ZeRO-1/2 keep whole parameters on
+    every rank (only optimizer state and gradients are partitioned), so saving, validation, EMA and the
+    ``conv_in`` gradient hook work unchanged; :func:`_backward` makes DeepSpeed step once per window.
+    DeepSpeed's bf16/fp16 modes cast the trained weights themselves (accelerate hands mixed precision to
+    them), so the saved pipeline and EMA would be half precision: untested, refused.
     """
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
-    if name in ("FSDP", "DEEPSPEED"):
+    if name == "DEEPSPEED":
+        ds = deepspeed_config or {}
+        if int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
+            raise ConfigError("DeepSpeed ZeRO stage 3 is not supported by the photoshoot trainer (it would save and "
+                              "validate a partitioned pipeline); use zero_stage 1 or 2, or DDP (multi_gpu)")
+        half = [dtype for dtype in ("bf16", "fp16") if str(ds.get(dtype, {}).get("enabled", False)).lower() == "true"]
+        if half:
+            raise ConfigError(f"DeepSpeed {half[0]} is not supported by the photoshoot trainer yet (DeepSpeed would "
+                              "cast the trained weights, the EMA and the saved pipeline to half precision); use "
+                              "mixed_precision 'no' with DeepSpeed, or DDP (multi_gpu) with mixed_precision bf16")
+    if name == "FSDP":
         raise ConfigError(
             f"accelerate's {name} plugin is not supported by the photoshoot trainer yet (it would save a "
             "sharded pipeline and bypass the conv_in gradient mask); launch with DDP (multi_gpu) and save "
-            "memory with model.gradient_checkpointing, optim.optimizer=adamw8bit, mixed_precision=bf16 or "
+            "memory with model.gradient_checkpointing, optim.optimizer=adamw8bit, model.train_unet=false or "
             "model.lora_rank")
+
+
+def _backward(accelerator: Any, denoiser: Any, loss: torch.Tensor, last: bool) -> None:
+    """``accelerator.backward``; under DeepSpeed drive the engine so it reduces and steps (clipping by
+    ``gradient_clipping``) only on the window's last micro-batch (accelerate would step on every one)."""
+    if accelerator.state.deepspeed_plugin is None:
+        accelerator.backward(loss)
+        return
+    denoiser.set_gradient_accumulation_boundary(last)
+    denoiser.backward(loss, scale_wrt_gas=False)  # already divided by grad_accum, as on DDP
+    if last:
+        denoiser.step()
 
 
 def _forget_accelerate_state(keep_processes: bool) -> None:
@@ -417,15 +448,20 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the paths of
     the last checkpoint, the pipeline folder and the sample grid."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     out = Path(config.output_dir)
     _forget_accelerate_state(keep_processes=True)
+    handlers = []
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and not torch.cuda.is_available():
+        # accelerate leaves the backend unset without a GPU and then counts one process per rank.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
-                              log_with=_tracker(config.log_with), project_dir=str(out))
-    check_distributed_type(accelerator.distributed_type)
+                              log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     set_seed(config.seed)
     resume = resolve_resume(config.checkpoint.resume, out)
     if resume is None and checkpoints(out):
@@ -478,8 +514,13 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                                      config.loss, weight_norm)
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                 if finite:
-                    accelerator.backward(loss / config.optim.grad_accum)
+                    _backward(accelerator, denoiser, loss / config.optim.grad_accum, last)
                     total += loss.detach() / config.optim.grad_accum
+                elif micro > 0 and accelerator.state.deepspeed_plugin is not None:
+                    raise TrainingDiverged(
+                        f"step {state.step + 1}: non-finite loss in micro-batch {micro + 1} of {config.optim.grad_accum}; "
+                        "DeepSpeed already holds this window's earlier gradients and cannot drop them, so the step "
+                        "cannot be skipped: lower optim.lr, or train with DDP where such steps are skipped")
         if finite:
             accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
             optimizer.step()
