@@ -28,21 +28,26 @@ STEPS = 3
 pytestmark = pytest.mark.slow
 
 
-def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0) -> dict[str, torch.Tensor]:
+def _launch(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0,
+            script: Path = SCRIPT) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, str(SCRIPT)]
+    launch = [sys.executable, str(script)]
     if zero_stage:  # DeepSpeed must not see ACCELERATE_USE_CPU (accelerate then drops it); its CPU accelerator uses gloo
         env = {**env, "DS_ACCELERATOR": "cpu"}
         del env["ACCELERATE_USE_CPU"]
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", str(zero_stage),
                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", str(SCRIPT)]
+                  "--dynamo_backend", "no", str(script)]
     elif processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  str(SCRIPT)]
-    done = subprocess.run([*launch, f"output_dir={out}", f"optim.batch_size={batch_size}", *common],
+                  str(script)]
+    return subprocess.run([*launch, f"output_dir={out}", f"optim.batch_size={batch_size}", *common],
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0) -> dict[str, torch.Tensor]:
+    done = _launch(out, common, processes, batch_size, zero_stage)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("trained to step") == 1  # one summary, from the main process
     return saved_weights(out / "pipeline")
@@ -125,5 +130,27 @@ def test_deepspeed_zero_matches_one_process(tmp_path: Path, zero_stage: int,
 
 def test_deepspeed_zero3_is_refused(tmp_path: Path,
                                     deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
-    with pytest.raises(AssertionError, match="ZeRO stage 3 is not supported"):
-        _train(tmp_path / "z3", [*deepspeed_inputs[0], "optim.max_steps=1"], processes=2, batch_size=2, zero_stage=3)
+    done = _launch(tmp_path / "z3", [*deepspeed_inputs[0], "optim.max_steps=1"], processes=2, batch_size=2,
+                   zero_stage=3)
+    assert done.returncode != 0 and "ZeRO stage 3 is not supported" in done.stderr
+
+
+def test_deepspeed_stops_on_a_non_finite_loss_inside_a_window(
+        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
+    """DeepSpeed cannot drop a window's earlier gradients, so a NaN in micro-batch 2 of 2 stops the run
+    (under DDP the step would be skipped and counted)."""
+    script = tmp_path / "nan_in_second_micro_batch.py"
+    script.write_text(
+        "import runpy\n"
+        "from fashionshoot.training import loop\n"
+        "real, calls = loop.training_loss, []\n"
+        "def second_is_nan(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    loss = real(*args, **kwargs)\n"
+        "    return loss * float('nan') if len(calls) == 2 else loss\n"
+        "loop.training_loss = second_is_nan\n"
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    done = _launch(tmp_path / "nan", [*deepspeed_inputs[0], "optim.max_steps=2"], processes=1, batch_size=2,
+                   zero_stage=2, script=script)
+    assert done.returncode != 0
+    assert "non-finite loss in micro-batch 2 of 2" in done.stderr and "cannot be skipped" in done.stderr
