@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,11 +69,19 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     assert {"garment_r@1", "chance_r@1", "oracle_r@1", "pose_accuracy"} <= set(results["validation"])
 
 
+def _killed_after(run_dir: Path, step: int, into: Path) -> None:
+    """What ``into`` holds had the run in ``run_dir`` been killed right after checkpointing ``step``."""
+    name = f"checkpoint-{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, into / "checkpoints" / name)
+
+
 def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> None:
-    common = [*shared, "optim.grad_accum=2", "checkpoint.every=2", "optim.warmup_steps=2"]
-    straight = run(_config(tmp_path / "a", *common, "optim.max_steps=4"))
-    run(_config(tmp_path / "b", *common, "optim.max_steps=2"))
-    resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=4", "checkpoint.resume=latest"))
+    """Same config, interrupted at step 2 of 4: the cosine schedule, data order and RNG all continue."""
+    common = [*shared, "optim.grad_accum=2", "checkpoint.every=2", "checkpoint.keep=2", "optim.warmup_steps=1",
+              "optim.max_steps=4", "optim.lr_scheduler=cosine"]
+    straight = run(_config(tmp_path / "a", *common))
+    _killed_after(tmp_path / "a", 2, tmp_path / "b")
+    resumed = run(_config(tmp_path / "b", *common, "checkpoint.resume=latest"))
     assert set(resumed["losses"]) == {3, 4}
     assert resumed["losses"] == {k: straight["losses"][k] for k in (3, 4)}
     a, b = saved_weights(straight["pipeline"]), saved_weights(resumed["pipeline"])
@@ -80,6 +90,18 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> 
 
     with pytest.raises(ConfigError, match=r"optim\.lr: 0\.002 -> 0\.005"):
         run(_config(tmp_path / "c", *common, "optim.lr=5e-3", f"checkpoint.resume={resumed['checkpoint']}"))
+
+
+@pytest.mark.parametrize(("schedule", "warns"), [("cosine", True), ("constant_with_warmup", False)])
+def test_a_longer_resumed_run_says_when_the_schedule_bends(tmp_path: Path, shared: list[str], schedule: str,
+                                                            warns: bool, caplog: pytest.LogCaptureFixture) -> None:
+    common = [*shared, "checkpoint.every=1", "optim.warmup_steps=0", f"optim.lr_scheduler={schedule}"]
+    run(_config(tmp_path, *common, "optim.max_steps=1"))
+    with caplog.at_level(logging.WARNING, logger="fashionshoot.training.checkpoint"):
+        results = run(_config(tmp_path, *common, "optim.max_steps=2"))
+    assert set(results["losses"]) == {2}
+    said = [r.getMessage() for r in caplog.records if "max_steps 1 -> 2" in r.getMessage()]
+    assert bool(said) == warns and all(f"the {schedule} learning-rate schedule" in m for m in said)
 
 
 def test_fresh_start_refuses_folder_with_checkpoints(tmp_path: Path) -> None:
@@ -132,12 +154,12 @@ def _delta(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> f
 
 
 def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str]) -> None:
-    common = [*shared, "checkpoint.every=1", "optim.warmup_steps=0"]
+    common = [*shared, "checkpoint.every=1", "checkpoint.keep=3", "optim.warmup_steps=0", "optim.max_steps=3"]
     base = saved_weights(Path(shared[1].split("=", 1)[1]))
-    plain = run(_config(tmp_path / "plain", *common, "optim.max_steps=3"))
-    straight = run(_config(tmp_path / "a", *common, "optim.max_steps=3", "ema.decay=0.9"))
-    run(_config(tmp_path / "b", *common, "optim.max_steps=2", "ema.decay=0.9"))
-    resumed = run(_config(tmp_path / "b", *common, "optim.max_steps=3", "ema.decay=0.9"))
+    plain = run(_config(tmp_path / "plain", *common))
+    straight = run(_config(tmp_path / "a", *common, "ema.decay=0.9"))
+    _killed_after(tmp_path / "a", 2, tmp_path / "b")
+    resumed = run(_config(tmp_path / "b", *common, "ema.decay=0.9"))
     ema, raw = saved_weights(straight["pipeline"]), saved_weights(plain["pipeline"])
     assert straight["losses"] == plain["losses"]  # EMA only changes what is saved, not the trajectory
     assert all(torch.equal(ema[k], v) for k, v in saved_weights(resumed["pipeline"]).items())

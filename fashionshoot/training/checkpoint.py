@@ -10,6 +10,7 @@ Resuming compares the saved config with the current one and refuses a checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -28,6 +29,10 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "output_dir", "log_with", "log_every", "max_nan_steps", "optim.max_steps", "checkpoint.", "validation.",
     "data.num_workers",
 )
+#: LR schedules that do not depend on ``optim.max_steps``: a longer resumed run follows the same curve.
+HORIZON_FREE_SCHEDULES = frozenset({"constant", "constant_with_warmup"})
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,5 +113,17 @@ def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any
     if mismatches:
         raise ConfigError(f"checkpoint {path} was written with a different config; mismatching keys: "
                           + "; ".join(mismatches))
+    _warn_if_the_schedule_changes(saved, config)
     accelerator.load_state(str(path))
     return saved
+
+
+def _warn_if_the_schedule_changes(saved: TrainerState, config: Mapping[str, Any]) -> None:
+    """A new ``max_steps`` is allowed on resume, but a decaying schedule then bends to the new horizon."""
+    old, new = saved.config.get("optim", {}), config.get("optim", {})
+    schedule = new.get("lr_scheduler")
+    if old.get("max_steps") != new.get("max_steps") and schedule not in HORIZON_FREE_SCHEDULES:
+        logger.warning("resuming at step %d with optim.max_steps %s -> %s: the %s learning-rate schedule "
+                       "follows the new horizon from here on, so the run differs from an uninterrupted "
+                       "%s-step run before this step", saved.step, old.get("max_steps"), new.get("max_steps"),
+                       schedule, new.get("max_steps"))
