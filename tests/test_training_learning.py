@@ -1,12 +1,13 @@
 """Proof that the photoshoot trainer learns (slow-marked; CI runs it).
 
-``train/photoshoot.py``'s default config, as shipped, trains for about ten CPU minutes on the synthetic set
+``train/photoshoot.py``'s default config, as shipped, trains for 5-10 CPU minutes on the synthetic set
 (tiny UNet trained in full, tiny VAE fitted to the training images first). Measured on the held-out
 garments by :mod:`fashionshoot.training.validation`, the generations then
 
-* show *the* conditioning garment: garment-fidelity R@5 about 2-4x chance and well above the untrained
-  base (the same pipeline before training, validated identically); R@1 is above the base but only
-  1.7-4.6x chance across seeds/thread counts (141 queries, 47 garments), too noisy to assert more;
+* show *the* conditioning garment: garment-fidelity R@5 about 2.5-3.5x chance and well above the untrained
+  base (the same pipeline before training, validated identically); R@1 3-5x chance with the cosine
+  schedule (141 queries, 47 garments; it moves by +-0.03 between validations, so 2x is asserted; the
+  ground truth itself reaches only ~10x at this resolution);
 * follow the given pose: the garment lands where the pose puts it, not where the same garment stands in
   its other test poses (``pose_accuracy`` ~0.70 over 282 comparisons against the base's ~0.5).
 """
@@ -61,7 +62,7 @@ def test_default_config_learns_garment_and_pose(tmp_path: Path, all_cores: None)
     assert untrained["garment_r@5"] <= 1.5 * trained["chance_r@5"]
     assert trained["garment_r@5"] >= 1.8 * trained["chance_r@5"]
     assert trained["garment_r@5"] >= untrained["garment_r@5"] + 0.08
-    assert trained["garment_r@1"] >= untrained["garment_r@1"]
+    assert trained["garment_r@1"] >= max(untrained["garment_r@1"], 2 * trained["chance_r@1"])
     # Pose following: the given pose beats the same garment's other poses; the base is at chance.
     assert abs(untrained["pose_accuracy"] - 0.5) <= 0.1
     assert trained["pose_accuracy"] >= 0.62 and trained["pose_contrast"] >= 0.08
