@@ -124,6 +124,6 @@ def _warn_if_the_schedule_changes(saved: TrainerState, config: Mapping[str, Any]
     schedule = new.get("lr_scheduler")
     if old.get("max_steps") != new.get("max_steps") and schedule not in HORIZON_FREE_SCHEDULES:
         logger.warning("resuming at step %d with optim.max_steps %s -> %s: the %s learning-rate schedule "
-                       "follows the new horizon from here on, so the run differs from an uninterrupted "
-                       "%s-step run before this step", saved.step, old.get("max_steps"), new.get("max_steps"),
-                       schedule, new.get("max_steps"))
+                       "follows the new horizon from here on (an uninterrupted %s-step run would also have "
+                       "used other rates before this step)", saved.step, old.get("max_steps"),
+                       new.get("max_steps"), schedule, new.get("max_steps"))
