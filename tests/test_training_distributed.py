@@ -54,6 +54,19 @@ def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_s
     return saved_weights(out / "pipeline")
 
 
+def _update(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All weight changes of a run as one vector."""
+    return torch.cat([(trained[k] - start[k]).flatten() for k in start])
+
+
+def _assert_same_training(one: dict[str, torch.Tensor], two: dict[str, torch.Tensor],
+                          start: dict[str, torch.Tensor]) -> None:
+    """Both runs trained, and to the same weights up to float reduction order."""
+    delta_one, delta_two = _update(one, start), _update(two, start)
+    assert delta_one.norm() > 1e-3
+    assert (delta_one - delta_two).norm() <= 1e-4 * delta_one.norm()
+
+
 def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
 
@@ -69,16 +82,13 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
     start = saved_weights(base)
 
     assert one.keys() == two.keys() == start.keys()
-    delta_one = torch.cat([(one[k] - start[k]).flatten() for k in one])
-    delta_two = torch.cat([(two[k] - start[k]).flatten() for k in one])
-    assert delta_one.norm() > 1e-3  # it trained
-    assert (delta_one - delta_two).norm() <= 1e-4 * delta_one.norm()
+    _assert_same_training(one, two, start)
 
     # Control: a different split of the data (other seed) moves the weights measurably differently,
     # so the tolerance above is far tighter than what a real difference looks like.
     other = _train(tmp_path / "other", [*common, "seed=1"], processes=1, batch_size=4)
-    delta_other = torch.cat([(other[k] - start[k]).flatten() for k in one])
-    assert (delta_one - delta_other).norm() > 1e-2 * delta_one.norm()
+    delta_one = _update(one, start)
+    assert (delta_one - _update(other, start)).norm() > 1e-2 * delta_one.norm()
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +123,7 @@ def test_deepspeed_zero_matches_one_process(tmp_path: Path, zero_stage: int,
                  zero_stage=zero_stage)
     start = saved_weights(base)
 
-    delta_one = torch.cat([(one[k] - start[k]).flatten() for k in one])
-    delta_two = torch.cat([(two[k] - start[k]).flatten() for k in one])
-    assert delta_one.norm() > 1e-3
-    assert (delta_one - delta_two).norm() <= 1e-4 * delta_one.norm()
+    _assert_same_training(one, two, start)
     latent = start["unet.conv_in.weight"].shape[1] - POSE_CHANNELS  # pose channels come last
     assert torch.equal(two["unet.conv_in.weight"][:, :latent], start["unet.conv_in.weight"][:, :latent])
     assert (tmp_path / "ds" / "checkpoints" / f"checkpoint-{STEPS:08d}" / "pytorch_model").is_dir()  # DeepSpeed's format
@@ -128,6 +135,18 @@ def test_deepspeed_zero_matches_one_process(tmp_path: Path, zero_stage: int,
     resumed = _train(tmp_path / "resumed", [*common, f"optim.max_steps={STEPS}", "checkpoint.resume=latest"],
                      processes=2, batch_size=2, zero_stage=zero_stage)
     assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+
+def test_deepspeed_keeps_ema_and_lora_like_one_process(
+        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
+    """EMA averages the module's weights, not the flat fp32 shard ZeRO puts in the optimizer's param groups:
+    the saved pipeline (EMA weights, LoRA fused in) matches 1 process."""
+    common, _, base = deepspeed_inputs
+    overrides = [*common, f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "optim.lr=1e-2"]
+    one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
+    two = _train(tmp_path / "ds", overrides, processes=2, batch_size=2, zero_stage=2)
+    _assert_same_training(one, two, saved_weights(base))
+    assert (tmp_path / "ds" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_deepspeed_zero3_is_refused(tmp_path: Path,

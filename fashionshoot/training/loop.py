@@ -320,9 +320,11 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
             train_micro_batch_size_per_gpu=config.optim.batch_size,
             gradient_accumulation_steps=config.optim.grad_accum,
             gradient_clipping=config.optim.max_grad_norm)
+    # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
+    # for flat fp32 partitions (a rank's shard), which EMA and validation must not average or overwrite.
+    params = [p for group in groups for p in group["params"]]
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
-    params = [p for group in groups for p in group["params"]]
     ema = None
     if config.ema.decay:
         ema = EMAModel(params, decay=config.ema.decay, update_after_step=config.ema.update_after_step)
