@@ -8,13 +8,13 @@ normalisation do not depend on how the global batch is split (see fashionshoot.t
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from interrupted_runs import killed_after
 
 from fashionshoot.config import config_from_argv
 from fashionshoot.models.pose import POSE_CHANNELS
@@ -130,8 +130,7 @@ def test_deepspeed_zero_matches_one_process(tmp_path: Path, zero_stage: int,
 
     if zero_stage == 1:
         return  # resuming is the same code path for both stages
-    name = "checkpoint-00000002"  # as if the run had been killed after saving step 2
-    shutil.copytree(tmp_path / "ds" / "checkpoints" / name, tmp_path / "resumed" / "checkpoints" / name)
+    killed_after(tmp_path / "ds", 2, tmp_path / "resumed")
     resumed = _train(tmp_path / "resumed", [*common, f"optim.max_steps={STEPS}", "checkpoint.resume=latest"],
                      processes=2, batch_size=2, zero_stage=zero_stage)
     assert all(torch.equal(resumed[k], two[k]) for k in two)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from interrupted_runs import killed_after
 from PIL import Image
 
 from fashionshoot.config import config_from_argv
@@ -69,18 +69,12 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     assert {"garment_r@1", "chance_r@1", "oracle_r@1", "pose_accuracy"} <= set(results["validation"])
 
 
-def _killed_after(run_dir: Path, step: int, into: Path) -> None:
-    """What ``into`` holds had the run in ``run_dir`` been killed right after checkpointing ``step``."""
-    name = f"checkpoint-{step:08d}"
-    shutil.copytree(run_dir / "checkpoints" / name, into / "checkpoints" / name)
-
-
 def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> None:
     """Same config, interrupted at step 2 of 4: the cosine schedule, data order and RNG all continue."""
     common = [*shared, "optim.grad_accum=2", "checkpoint.every=2", "checkpoint.keep=2", "optim.warmup_steps=1",
               "optim.max_steps=4", "optim.lr_scheduler=cosine"]
     straight = run(_config(tmp_path / "a", *common))
-    _killed_after(tmp_path / "a", 2, tmp_path / "b")
+    killed_after(tmp_path / "a", 2, tmp_path / "b")
     resumed = run(_config(tmp_path / "b", *common, "checkpoint.resume=latest"))
     assert set(resumed["losses"]) == {3, 4}
     assert resumed["losses"] == {k: straight["losses"][k] for k in (3, 4)}
@@ -158,7 +152,7 @@ def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: li
     base = saved_weights(Path(shared[1].split("=", 1)[1]))
     plain = run(_config(tmp_path / "plain", *common))
     straight = run(_config(tmp_path / "a", *common, "ema.decay=0.9"))
-    _killed_after(tmp_path / "a", 2, tmp_path / "b")
+    killed_after(tmp_path / "a", 2, tmp_path / "b")
     resumed = run(_config(tmp_path / "b", *common, "ema.decay=0.9"))
     ema, raw = saved_weights(straight["pipeline"]), saved_weights(plain["pipeline"])
     assert straight["losses"] == plain["losses"]  # EMA only changes what is saved, not the trajectory
