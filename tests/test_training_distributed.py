@@ -174,3 +174,17 @@ def test_deepspeed_stops_on_a_non_finite_loss_inside_a_window(
                    zero_stage=2, script=script)
     assert done.returncode != 0
     assert "non-finite loss in micro-batch 2 of 2" in done.stderr and "cannot be skipped" in done.stderr
+
+
+def test_processes_that_join_no_group_are_refused(tmp_path: Path) -> None:
+    """accelerate's FSDP plugin needs GPUs: on CPU ``--use_fsdp`` starts two lone processes, which must stop
+    before writing anything instead of each training the whole run into one output folder."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              str(SCRIPT), f"output_dir={tmp_path / 'run'}", "optim.max_steps=1", "log_with=none"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "started 2 processes but accelerate joined 1" in done.stderr
+    assert not (tmp_path / "run").exists()

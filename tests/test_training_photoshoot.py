@@ -198,6 +198,15 @@ def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
         check_distributed_type(DistributedType.FSDP)
 
 
+def test_a_launch_whose_processes_did_not_join_is_refused() -> None:
+    from fashionshoot.training.loop import check_process_count
+
+    check_process_count(launched=1, joined=1)
+    check_process_count(launched=2, joined=2)
+    with pytest.raises(ConfigError, match="started 2 processes but accelerate joined 1.*ACCELERATE_USE_CPU"):
+        check_process_count(launched=2, joined=1)
+
+
 def test_lora_and_full_unet_training_exclude_each_other() -> None:
     with pytest.raises(ConfigError, match="lora_rank"):
         config_from_argv(PhotoshootTrainConfig, ["model.lora_rank=4", "model.train_unet=true"], default_path=TINY_YAML)

@@ -423,6 +423,22 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
             "model.lora_rank")
 
 
+def check_process_count(launched: int, joined: int) -> None:
+    """Refuse a launch whose processes did not join one process group.
+
+    ``launched`` is the launcher's ``WORLD_SIZE``, ``joined`` accelerate's ``num_processes``. Without a GPU,
+    accelerate joins processes only for DDP with ``ACCELERATE_USE_CPU`` and for DeepSpeed (the loop asks
+    for gloo); e.g. ``--use_fsdp`` on CPU starts lone processes that would each train the whole run and
+    write the same output folder.
+    """
+    if launched > joined:
+        raise ConfigError(
+            f"the launcher started {launched} processes but accelerate joined {joined} into a process group, so "
+            "each would train alone into the same output_dir. Without a GPU, launch with --multi_gpu and "
+            "ACCELERATE_USE_CPU=true (DDP over gloo) or --use_deepspeed with DS_ACCELERATOR=cpu; accelerate's "
+            "FSDP plugin needs GPUs")
+
+
 def _backward(accelerator: Any, denoiser: Any, loss: torch.Tensor, last: bool) -> None:
     """``accelerator.backward``; under DeepSpeed drive the engine so it reduces and steps (clipping by
     ``gradient_clipping``) only on the window's last micro-batch (accelerate would step on every one)."""
@@ -464,6 +480,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                               log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
     check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
+    check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     set_seed(config.seed)
     resume = resolve_resume(config.checkpoint.resume, out)
     if resume is None and checkpoints(out):
