@@ -84,6 +84,13 @@ def test_empty_slots_are_masked_out_not_attended(unet, inputs):
     # A sample with no garment at all gets no garment term: exactly the base UNet.
     none = torch.zeros_like(inputs["mask"])
     assert torch.allclose(_run(unet, inputs, adapter(none, inputs["features"])), _run(unet, inputs), atol=1e-6)
+    # In a batch where only some samples have a garment, each sample gets what it would get alone.
+    mixed = inputs["mask"].clone()
+    mixed[1] = False
+    out_mixed = _run(unet, inputs, adapter(mixed, inputs["features"]))
+    assert torch.allclose(out_mixed[0], out[0], atol=1e-6)
+    assert torch.allclose(out_mixed[1], _run(unet, inputs)[1], atol=1e-6)
+    assert not torch.allclose(out[1], _run(unet, inputs)[1], atol=1e-4)
 
 
 def test_slot_identity_matters(unet, inputs):

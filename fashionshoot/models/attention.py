@@ -104,19 +104,6 @@ def attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch
     return out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
 
 
-def masked_attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  valid: torch.Tensor) -> torch.Tensor:
-    """:func:`attend` over keys where ``valid``; a row with no valid key contributes exactly zero.
-
-    Softmax over an all-masked row is NaN, so such rows attend to everything and are zeroed after:
-    "no garment" then means "no garment term", not "attend to zeros".
-    """
-    any_valid = valid.any(dim=-1)
-    safe = valid | ~any_valid[:, None]
-    out = attend(attn, query, key, value, additive_mask(safe))
-    return out * any_valid[:, None, None].to(out.dtype)
-
-
 class FashionAttnProcessor:
     """diffusers attention processor (``AttnProcessor2_0`` maths) that runs :class:`AttentionFeature` s."""
 

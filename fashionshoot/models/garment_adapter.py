@@ -18,7 +18,7 @@ Which paths exist is config (``conditioning``): ``"cross_attention"``, ``"refere
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -30,10 +30,11 @@ from fashionshoot.errors import ConfigError
 from fashionshoot.models.attention import (
     AttentionCall,
     AttentionFeature,
+    additive_mask,
+    attend,
     attention_layers,
     install_attention_features,
     is_self_attention,
-    masked_attend,
 )
 from fashionshoot.models.garment_encoder import GarmentProjector
 from fashionshoot.models.outfit import OUTFIT_SLOTS
@@ -51,12 +52,23 @@ CONDITIONINGS: tuple[str, ...] = ("cross_attention", "reference", "both")
 
 @dataclass
 class GarmentConditioning:
-    """Per-layer garment keys/values ``(batch, tokens, inner)`` and which tokens are real ``(batch, tokens)``."""
+    """Per-layer garment keys/values ``(batch, tokens, inner)`` and which tokens are real ``(batch, tokens)``.
+
+    The attention mask and the per-sample output scale are derived once here, not in every layer: a
+    sample with no garment attends to all tokens (softmax over nothing is NaN) and its term is scaled
+    to zero, so "no garment" means "no garment term"."""
 
     keys: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
     valid: torch.Tensor
     scale: float = 1.0
+    mask: torch.Tensor | None = field(init=False)
+    row_scale: torch.Tensor | float = field(init=False)
+
+    def __post_init__(self) -> None:
+        has_garment = self.valid.any(dim=-1)
+        self.mask = None if bool(self.valid.all()) else additive_mask(self.valid | ~has_garment[:, None])
+        self.row_scale = self.scale if bool(has_garment.all()) else self.scale * has_garment[:, None, None].float()
 
     def for_branches(self, keep: Sequence[bool]) -> GarmentConditioning:
         """Tile for stacked guidance branches; a ``False`` branch has no garment."""
@@ -76,9 +88,11 @@ class GarmentCrossAttention(AttentionFeature):
         cond = call.controls.get(GARMENT_KEY)
         if not isinstance(cond, GarmentConditioning) or call.layer not in cond.keys:
             return None
-        key, value = cond.keys[call.layer], cond.values[call.layer]
-        return cond.scale * masked_attend(attn, call.query, key.to(call.query.dtype), value.to(call.query.dtype),
-                                          cond.valid)
+        dtype = call.query.dtype
+        out = attend(attn, call.query, cond.keys[call.layer].to(dtype), cond.values[call.layer].to(dtype), cond.mask)
+        if isinstance(cond.row_scale, torch.Tensor):
+            return out * cond.row_scale.to(dtype)
+        return out if cond.row_scale == 1.0 else out * cond.row_scale
 
 
 def _photoshoot_features(name: str, attn: Attention) -> tuple[AttentionFeature, ...]:
