@@ -9,8 +9,11 @@ no text by default so only the garment can carry identity) and measures:
   that box (the garment's place in the ground-truth lookbook of the same pose, scaled to the output
   size): a detector crop with a known box, so the scene around the figure does not dominate the
   embedding. The default encoder is the training-free colour :class:`~fashionshoot.retrieval.encoders.
-  HistogramEncoder`; reported with ``chance_r@k`` (k / gallery size) and ``oracle_r@k`` (the same
-  protocol applied to the ground-truth lookbooks at the output size: the ceiling of this encoder).
+  HistogramEncoder`; reported with ``chance_r@k`` (k / gallery size), ``oracle_r@k`` (the same
+  protocol applied to the ground-truth lookbooks at the output size: the ceiling of this encoder) and
+  ``autoencoder_r@k`` (the ground truth after a round trip through the pipeline's VAE: what its decoder
+  can show at best, so a low R@k can be told apart into "the UNet did not learn it" and "the VAE cannot
+  show it").
 * **Pose following**: does the garment sit where the given pose puts it? Each test garment has
   lookbooks in several poses. For pair ``i`` a likeness map ``L_i`` scores every pixel by its colour
   distance to the nearest colour of garment ``i`` (product shot, background removed). ``pose_own`` is the
@@ -194,6 +197,19 @@ def _lookbook(root: str | Path, record: PairRecord, size: tuple[int, int]) -> Im
         return img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
 
 
+@torch.no_grad()
+def autoencoded(pipe: Any, images: Sequence[Image.Image], batch_size: int = 16) -> list[Image.Image]:
+    """``images`` after a VAE round trip (posterior mode) at their own size, as the pipeline decodes."""
+    out: list[Image.Image] = []
+    vae = pipe.vae
+    for start in range(0, len(images), batch_size):
+        chunk = list(images[start:start + batch_size])
+        pixels = pipe.image_processor.preprocess(chunk, height=chunk[0].height, width=chunk[0].width)
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        out += pipe.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
+    return out
+
+
 def _crop(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Image:
     return image if box is None else image.crop(box)
 
@@ -255,11 +271,15 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
                      query_ids, ks)
     oracle = _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(lookbooks, boxes, strict=True)],
                      query_ids, ks)
+    roundtrip = _recall(encoder, gallery, gallery_ids,
+                        [_crop(i, b) for i, b in zip(autoencoded(pipe, lookbooks, settings.batch_size), boxes, strict=True)],
+                        query_ids, ks)
     metrics: dict[str, float] = {"num_pairs": float(len(chosen)), "num_garments": float(len(gallery_ids))}
     for k in ks:
         metrics[f"garment_r@{k}"] = float(recall[k])
         metrics[f"chance_r@{k}"] = min(k, len(gallery_ids)) / len(gallery_ids)
         metrics[f"oracle_r@{k}"] = float(oracle[k])
+        metrics[f"autoencoder_r@{k}"] = float(roundtrip[k])
     lookbooks_of: dict[str, list[PairRecord]] = {}
     for record in records:
         lookbooks_of.setdefault(record.garment_id, []).append(record)
