@@ -1,15 +1,14 @@
 """Proof that the photoshoot trainer learns (slow-marked; CI runs it).
 
-``train/photoshoot.py``'s default config, as shipped, trains for 5-10 CPU minutes on the synthetic set
+``train/photoshoot.py``'s default config, as shipped, trains for 7-10 CPU minutes on the synthetic set
 (tiny UNet trained in full, tiny VAE fitted to the training images first). Measured on the held-out
 garments by :mod:`fashionshoot.training.validation`, the generations then
 
-* show *the* conditioning garment: garment-fidelity R@5 about 2.5-3.5x chance and well above the untrained
-  base (the same pipeline before training, validated identically); R@1 3-5x chance with the cosine
-  schedule (141 queries, 47 garments; it moves by +-0.03 between validations, so 2x is asserted; the
-  ground truth itself reaches only ~10x at this resolution);
+* show *the* conditioning garment: garment-fidelity R@1 4-5x chance and R@5 about 3x chance over seeds
+  0-2 (141 queries, 47 garments; the untrained base is at chance; a single validation moves by +-0.03, so
+  2.5x and 2x are asserted; the ground truth itself reaches only ~10x at this resolution);
 * follow the given pose: the garment lands where the pose puts it, not where the same garment stands in
-  its other test poses (``pose_accuracy`` ~0.70 over 282 comparisons against the base's ~0.5).
+  its other test poses (``pose_accuracy`` 0.63-0.71 over 282 comparisons against the base's ~0.57).
 """
 
 from __future__ import annotations
@@ -60,9 +59,9 @@ def test_default_config_learns_garment_and_pose(tmp_path: Path, all_cores: None)
     assert trained["num_garments"] >= 40 and trained["pose_pairs"] >= 200
     # Garment fidelity: the base knows no garment; training lifts R@5 well above chance and the base.
     assert untrained["garment_r@5"] <= 1.5 * trained["chance_r@5"]
-    assert trained["garment_r@5"] >= 1.8 * trained["chance_r@5"]
+    assert trained["garment_r@5"] >= 2 * trained["chance_r@5"]
     assert trained["garment_r@5"] >= untrained["garment_r@5"] + 0.08
-    assert trained["garment_r@1"] >= max(untrained["garment_r@1"], 2 * trained["chance_r@1"])
+    assert trained["garment_r@1"] >= max(untrained["garment_r@1"], 2.5 * trained["chance_r@1"])
     # Pose following: the given pose beats the same garment's other poses; the base is at chance.
     assert abs(untrained["pose_accuracy"] - 0.5) <= 0.1
     assert trained["pose_accuracy"] >= 0.62 and trained["pose_contrast"] >= 0.08

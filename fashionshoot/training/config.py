@@ -71,7 +71,7 @@ class ModelConfig:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     gradient_checkpointing: bool = False
     prediction_type: Literal["", "epsilon", "v_prediction", "sample"] = ""
-    tiny_vae_steps: int = 300
+    tiny_vae_steps: int = 1000
 
 
 @dataclass
