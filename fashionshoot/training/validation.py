@@ -267,13 +267,13 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
             gallery.append(img.convert("RGB"))
     query_ids = [r.garment_id for r in chosen]
     ks = tuple(settings.ks)
-    recall = _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(images, boxes, strict=True)],
-                     query_ids, ks)
-    oracle = _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(lookbooks, boxes, strict=True)],
-                     query_ids, ks)
-    roundtrip = _recall(encoder, gallery, gallery_ids,
-                        [_crop(i, b) for i, b in zip(autoencoded(pipe, lookbooks, settings.batch_size), boxes, strict=True)],
-                        query_ids, ks)
+
+    def recall_of(queries: Sequence[Image.Image]) -> dict[int, float]:
+        return _recall(encoder, gallery, gallery_ids, [_crop(i, b) for i, b in zip(queries, boxes, strict=True)],
+                       query_ids, ks)
+
+    recall, oracle = recall_of(images), recall_of(lookbooks)
+    roundtrip = recall_of(autoencoded(pipe, lookbooks, settings.batch_size))
     metrics: dict[str, float] = {"num_pairs": float(len(chosen)), "num_garments": float(len(gallery_ids))}
     for k in ks:
         metrics[f"garment_r@{k}"] = float(recall[k])
