@@ -62,13 +62,13 @@ class GarmentConditioning:
     values: dict[str, torch.Tensor]
     valid: torch.Tensor
     scale: float = 1.0
-    mask: torch.Tensor | None = field(init=False)
-    row_scale: torch.Tensor | float = field(init=False)
+    mask: torch.Tensor = field(init=False)
+    row_scale: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # tensor ops only: no host sync on a GPU
         has_garment = self.valid.any(dim=-1)
-        self.mask = None if bool(self.valid.all()) else additive_mask(self.valid | ~has_garment[:, None])
-        self.row_scale = self.scale if bool(has_garment.all()) else self.scale * has_garment[:, None, None].float()
+        self.mask = additive_mask(self.valid | ~has_garment[:, None])
+        self.row_scale = self.scale * has_garment[:, None, None].float()
 
     def for_branches(self, keep: Sequence[bool]) -> GarmentConditioning:
         """Tile for stacked guidance branches; a ``False`` branch has no garment."""
@@ -90,9 +90,7 @@ class GarmentCrossAttention(AttentionFeature):
             return None
         dtype = call.query.dtype
         out = attend(attn, call.query, cond.keys[call.layer].to(dtype), cond.values[call.layer].to(dtype), cond.mask)
-        if isinstance(cond.row_scale, torch.Tensor):
-            return out * cond.row_scale.to(dtype)
-        return out if cond.row_scale == 1.0 else out * cond.row_scale
+        return out * cond.row_scale.to(dtype)
 
 
 def _photoshoot_features(name: str, attn: Attention) -> tuple[AttentionFeature, ...]:

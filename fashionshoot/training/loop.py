@@ -383,8 +383,8 @@ def run_validation(trainee: Trainee, config: PhotoshootTrainConfig, records: lis
 
 def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     """Markdown table of validation rows (one per validated step): fidelity vs chance/oracle, pose following."""
-    columns = [c for c in ("step", "garment_r@1", "garment_r@5", "chance_r@1", "oracle_r@1", "autoencoder_r@1", "pose_accuracy",
-                           "pose_contrast", "num_pairs") if any(c in r for r in rows)]
+    columns = [c for c in ("step", "garment_r@1", "garment_r@5", "chance_r@1", "oracle_r@1", "autoencoder_r@1",
+                           "pose_accuracy", "pose_contrast", "num_pairs") if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{row[c]:.0f}" if c in ("step", "num_pairs") else f"{row[c]:.3f}" if c in row else "" for c in columns]
