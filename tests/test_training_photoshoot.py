@@ -187,14 +187,15 @@ def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
 
     for supported in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         check_distributed_type(supported)
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": stage},
                                                           "bf16": {"enabled": False}})
-    with pytest.raises(ConfigError, match="ZeRO stage 3.*partitioned"):
-        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 3}})
+    check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}}, uses_ema=True)
+    with pytest.raises(ConfigError, match="ema.decay.*ZeRO stage 3.*placeholders"):
+        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 3}}, uses_ema=True)
     with pytest.raises(ConfigError, match="DeepSpeed bf16.*half precision.*DDP"):
         check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    with pytest.raises(ConfigError, match="FSDP.*conv_in.*DDP"):
+    with pytest.raises(ConfigError, match="FSDP.*conv_in.*ZeRO-3.*DDP"):
         check_distributed_type(DistributedType.FSDP)
 
 

@@ -54,6 +54,7 @@ from fashionshoot.training.data import (
 )
 from fashionshoot.training.randomness import SampleRandomness
 from fashionshoot.training.validation import ValidationResult, settings_from, validate
+from fashionshoot.training.whole_weights import WholeWeights, configure_zero3, shards_parameters, whole_models
 
 #: Where a LoRA run also saves its LoRA layers alone (``unet.load_lora_adapter`` format), next to the pipeline.
 LORA_DIR = "unet_lora"
@@ -290,6 +291,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     ema: Any
+    whole: WholeWeights
 
 
 def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Trainee:
@@ -297,7 +299,8 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    pipe = load_photoshoot_pipeline(base)
+    with whole_models(accelerator):
+        pipe = load_photoshoot_pipeline(base)
     dtype = _DTYPES[accelerator.mixed_precision]
     for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
         module.requires_grad_(False).eval().to(accelerator.device)
@@ -320,6 +323,14 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
             train_micro_batch_size_per_gpu=config.optim.batch_size,
             gradient_accumulation_steps=config.optim.grad_accum,
             gradient_clipping=config.optim.max_grad_norm)
+        if shards_parameters(accelerator):
+            if pipe.garment_adapter.uses_reference:
+                raise ConfigError(
+                    f"{base}: reference conditioning ({pipe.garment_adapter.config.conditioning!r}) is not supported "
+                    "with DeepSpeed ZeRO stage 3 (its per-slot embeddings are used outside the adapter's forward, "
+                    "where ZeRO-3 has released them: the first backward fails); use conditioning "
+                    "'cross_attention', or zero_stage 1 or 2, or DDP (multi_gpu)")
+            configure_zero3(accelerator.state.deepspeed_plugin.deepspeed_config)
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
     # for flat fp32 partitions (a rank's shard), which EMA and validation must not average or overwrite.
     params = [p for group in groups for p in group["params"]]
@@ -330,20 +341,20 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
         ema = EMAModel(params, decay=config.ema.decay, update_after_step=config.ema.update_after_step)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema)
+    lora = (lambda unet: add_lora(unet, config.model)) if config.model.lora_rank else None
+    whole = WholeWeights(accelerator, pipe, denoiser, add_layers=lora)
+    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema, whole)
 
 
-def _finish_weights(trainee: Trainee, config: PhotoshootTrainConfig, out: Path) -> None:
-    """Leave plain, final weights in the pipeline: EMA copied in, LoRA saved apart then fused and unloaded."""
-    if trainee.ema is not None:
-        trainee.ema.copy_to(trainee.params)
-    unet = trainee.pipe.unet
+def _finish_weights(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, out: Path, frozen_dtype: torch.dtype) -> None:
+    """Leave plain float32 weights in the whole final pipeline (EMA already in): LoRA saved apart, then
+    fused and unloaded; the frozen parts cast back from ``frozen_dtype``."""
     if config.model.lora_rank:
-        unet.save_lora_adapter(str(out / LORA_DIR))
-        unet.fuse_lora()
-        unet.unload_lora()
-    if trainee.frozen.dtype != torch.float32:
-        trainee.pipe.to(dtype=torch.float32)
+        pipe.unet.save_lora_adapter(str(out / LORA_DIR))
+        pipe.unet.fuse_lora()
+        pipe.unet.unload_lora()
+    if frozen_dtype != torch.float32:
+        pipe.to(dtype=torch.float32)
 
 
 def validation_encoder(name: str, device: torch.device) -> Any:
@@ -368,11 +379,11 @@ def averaged_weights(trainee: Trainee) -> Iterator[None]:
         trainee.denoiser.train()
 
 
-def run_validation(trainee: Trainee, config: PhotoshootTrainConfig, records: list[PairRecord], root: Path,
+def run_validation(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, records: list[PairRecord], root: Path,
                    out: Path, step: int, encoder: Any) -> ValidationResult:
-    """Validate the current pipeline; write ``validation/step-<step>.png`` and append to ``metrics.jsonl``."""
-    trainee.pipe.set_progress_bar_config(disable=True)
-    result = validate(trainee.pipe, records, root, settings_from(config), encoder)
+    """Validate ``pipe``; write ``validation/step-<step>.png`` and append to ``metrics.jsonl``."""
+    pipe.set_progress_bar_config(disable=True)
+    result = validate(pipe, records, root, settings_from(config), encoder)
     folder = out / VALIDATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     result.grid(config.validation.grid_rows).save(folder / f"step-{step:08d}.png")
@@ -392,24 +403,27 @@ def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None) -> None:
-    """Refuse accelerate's FSDP plugin, DeepSpeed ZeRO-3 and DeepSpeed half precision with the reason,
-    instead of training wrongly.
+def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None,
+                           uses_ema: bool = False) -> None:
+    """Refuse accelerate's FSDP plugin, EMA under DeepSpeed ZeRO-3 and DeepSpeed half precision with the
+    reason, instead of training wrongly.
 
-    FSDP and ZeRO-3 shard the parameters themselves: the main process would save and validate a pipeline
-    whose modules hold shards (ZeRO-3 wrote 0-element tensors, then deadlocked in main-only validation;
-    FSDP saved flat views), and EMA would average shards. DeepSpeed ZeRO-1/2 keep whole parameters on
-    every rank (only optimizer state and gradients are partitioned), so saving, validation, EMA and the
-    ``conv_in`` gradient hook work unchanged; :func:`_backward` makes DeepSpeed step once per window.
-    DeepSpeed's bf16/fp16 modes cast the trained weights themselves (accelerate hands mixed precision to
-    them), so the saved pipeline and EMA would be half precision: untested, refused.
+    DeepSpeed ZeRO-1/2 keep whole parameters on every rank (only optimizer state and gradients are
+    partitioned), so saving, validation, EMA and the ``conv_in`` gradient hook work unchanged;
+    :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 also shards the parameters: validation
+    and saving gather them (:mod:`fashionshoot.training.whole_weights`), but EMA would average each rank's
+    empty placeholders. FSDP shards them too and is untested (accelerate enables it only on GPUs; a
+    forced CPU trial saved flat views). DeepSpeed's bf16/fp16 modes cast the trained weights themselves
+    (accelerate hands mixed precision to them), so the saved pipeline and EMA would be half precision:
+    untested, refused.
     """
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
     if name == "DEEPSPEED":
         ds = deepspeed_config or {}
-        if int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
-            raise ConfigError("DeepSpeed ZeRO stage 3 is not supported by the photoshoot trainer (it would save and "
-                              "validate a partitioned pipeline); use zero_stage 1 or 2, or DDP (multi_gpu)")
+        if uses_ema and int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
+            raise ConfigError("ema.decay > 0 is not supported with DeepSpeed ZeRO stage 3 (each rank holds only a "
+                              "shard of every weight, so EMA would average placeholders); set ema.decay=0, or use "
+                              "zero_stage 1 or 2, or DDP (multi_gpu)")
         half = [dtype for dtype in ("bf16", "fp16") if str(ds.get(dtype, {}).get("enabled", False)).lower() == "true"]
         if half:
             raise ConfigError(f"DeepSpeed {half[0]} is not supported by the photoshoot trainer yet (DeepSpeed would "
@@ -417,10 +431,10 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
                               "mixed_precision 'no' with DeepSpeed, or DDP (multi_gpu) with mixed_precision bf16")
     if name == "FSDP":
         raise ConfigError(
-            f"accelerate's {name} plugin is not supported by the photoshoot trainer yet (it would save a "
-            "sharded pipeline and bypass the conv_in gradient mask); launch with DDP (multi_gpu) and save "
-            "memory with model.gradient_checkpointing, optim.optimizer=adamw8bit, model.train_unet=false or "
-            "model.lora_rank")
+            f"accelerate's {name} plugin is not supported by the photoshoot trainer yet (untested: it would "
+            "save a sharded pipeline and bypass the conv_in gradient mask); to shard the weights use DeepSpeed "
+            "ZeRO-3 (--use_deepspeed --zero_stage 3), or launch with DDP (multi_gpu) and save memory with "
+            "model.gradient_checkpointing, optim.optimizer=adamw8bit, model.train_unet=false or model.lora_rank")
 
 
 def check_process_count(launched: int, joined: int) -> None:
@@ -479,7 +493,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
                               log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
-    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
+    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None,
+                           uses_ema=config.ema.decay > 0)
     check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     set_seed(config.seed)
     resume = resolve_resume(config.checkpoint.resume, out)
@@ -489,7 +504,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out)
-        _prepare_inputs(config, out)
+        with whole_models(accelerator):
+            _prepare_inputs(config, out)
     accelerator.wait_for_everyone()
     base = _prepare_inputs(config, out)  # now only finds what the main process wrote
     records, root = load_records(config.data, out)
@@ -508,7 +524,10 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     state = load_checkpoint(accelerator, resume, resolved) if resume else TrainerState()
     state.config = resolved
     accelerator.init_trackers("photoshoot", config=_tracker_config(config))
-    encoder = validation_encoder(config.validation.encoder, accelerator.device) if accelerator.is_main_process else None
+    encoder = None
+    if accelerator.is_main_process:
+        with whole_models(accelerator):
+            encoder = validation_encoder(config.validation.encoder, accelerator.device)
     stage, batches = batches_at(state.step)
     first_position = accelerator.process_index * config.optim.batch_size
     losses: dict[int, float] = {}
@@ -568,10 +587,11 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep)
         every = config.validation.every
         if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
-            if accelerator.is_main_process:
-                with averaged_weights(trainee):
-                    metrics = run_validation(trainee, config, test_records, root, out, state.step, encoder).metrics
-                accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
+            with averaged_weights(trainee):
+                current = trainee.whole.pipeline()  # every rank: ZeRO-3 gathers
+                if current is not None:
+                    metrics = run_validation(current, config, test_records, root, out, state.step, encoder).metrics
+                    accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
             accelerator.wait_for_everyone()
     progress.close()
     if last_checkpoint is None:  # resumed at (or past) max_steps: nothing trained, point at what exists
@@ -582,11 +602,14 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                                "main_process": accelerator.is_main_process,
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
-    if accelerator.is_main_process:
-        _finish_weights(trainee, config, out)
-        denoiser.eval()
-        pipe.save_pretrained(str(results["pipeline"]))
-        final = run_validation(trainee, config, test_records, root, out, state.step, encoder)
+    if trainee.ema is not None:
+        trainee.ema.copy_to(trainee.params)
+    denoiser.eval()
+    final_pipe = trainee.whole.pipeline()  # every rank: ZeRO-3 gathers
+    if final_pipe is not None:
+        _finish_weights(final_pipe, config, out, frozen.dtype)
+        final_pipe.save_pretrained(str(results["pipeline"]))
+        final = run_validation(final_pipe, config, test_records, root, out, state.step, encoder)
         final.grid(config.validation.grid_rows).save(results["grid"])
         results["validation"] = final.metrics
         accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)

@@ -1,0 +1,94 @@
+"""Whole trained weights on the main process, also when DeepSpeed ZeRO-3 shards them across ranks.
+
+DDP and ZeRO-1/2 keep whole parameters on every rank, so the training pipeline itself is validated and
+saved. ZeRO-3 keeps 1/N of every parameter of the wrapped module on each rank and gathers them only
+around each submodule's forward, so validation and saving go through a plain copy instead:
+:meth:`WholeWeights.pipeline` gathers the shards (a collective: every rank calls it) and the main
+process loads them into a copy of the UNet and garment adapter, built once, which shares the frozen
+VAE and encoders (they never enter the engine, so they stay whole).
+
+Models are always built whole (:func:`whole_models`) and sharded by ``accelerator.prepare``. Under ZeRO-3
+accelerate otherwise lets transformers build models inside DeepSpeed's collective ``zero.Init``: a model
+built by the main process alone (the base pipeline, the validation encoder) then waits for ranks that
+never come, and frozen encoders, which never enter the engine, would be left as unusable shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fashionshoot.models.denoiser import PhotoshootDenoiser
+from fashionshoot.pipelines.photoshoot import PhotoshootPipeline
+
+
+def shards_parameters(accelerator: Any) -> bool:
+    """Whether this run's parameters are partitioned across ranks (DeepSpeed ZeRO stage 3)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) >= 3
+
+
+@contextlib.contextmanager
+def whole_models(accelerator: Any) -> Iterator[None]:
+    """Build models whole: outside DeepSpeed's ``zero.Init`` (a no-op without DeepSpeed).
+
+    transformers builds under ``zero.Init`` while a ZeRO-3 config is registered with it, which accelerate's
+    DeepSpeed plugin does (``plugin.dschf``); the registration is lifted for the duration. (accelerate's own
+    ``zero3_init_context_manager(enable=False)`` re-registers the same config in accelerate 1.15, so the
+    text encoder still came out partitioned.)"""
+    registered = getattr(accelerator.state.deepspeed_plugin, "dschf", None)
+    if registered is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
+
+
+def configure_zero3(deepspeed_config: dict[str, Any]) -> None:
+    """Let ZeRO-3 consolidate the denoiser's state dict (``accelerator.get_state_dict``), which DeepSpeed
+    allows only with ``stage3_gather_16bit_weights_on_model_save``; the weights keep their training dtype."""
+    deepspeed_config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+class WholeWeights:
+    """The trained pipeline with whole weights, on the main process.
+
+    ``pipe`` and ``denoiser`` are the training pipeline and the prepared (wrapped) denoiser made of its
+    UNet and garment adapter; ``add_layers`` adds to a fresh UNet what the run added to the trained one
+    (LoRA layers), so the gathered state dict fits it.
+    """
+
+    def __init__(self, accelerator: Any, pipe: PhotoshootPipeline, denoiser: Any,
+                 add_layers: Callable[[Any], None] | None = None) -> None:
+        self.accelerator, self.pipe, self.denoiser, self.add_layers = accelerator, pipe, denoiser, add_layers
+        self.sharded = shards_parameters(accelerator)
+        self._copy: PhotoshootPipeline | None = None
+
+    def pipeline(self) -> PhotoshootPipeline | None:
+        """The pipeline to validate and save on the main process (``None`` elsewhere). Call on every rank:
+        under ZeRO-3 it gathers the current weights into the copy; otherwise it is the training pipeline."""
+        if not self.sharded:
+            return self.pipe if self.accelerator.is_main_process else None
+        state = self.accelerator.get_state_dict(self.denoiser)  # collective; the whole state on rank 0 only
+        if not self.accelerator.is_main_process:
+            return None
+        copy = self._copy or self._build_copy()
+        PhotoshootDenoiser(copy.unet, copy.garment_adapter).load_state_dict(state)
+        return copy
+
+    def _build_copy(self) -> PhotoshootPipeline:
+        unet, adapter = self.pipe.unet, self.pipe.garment_adapter
+        with whole_models(self.accelerator):
+            fresh_unet = type(unet).from_config(unet.config).eval()
+            fresh_adapter = type(adapter).from_config(adapter.config).eval()
+        if self.add_layers is not None:
+            self.add_layers(fresh_unet)
+        components = {**self.pipe.components, "unet": fresh_unet, "garment_adapter": fresh_adapter}
+        self._copy = PhotoshootPipeline(**components).to(self.accelerator.device)
+        return self._copy
