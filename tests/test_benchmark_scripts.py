@@ -1,0 +1,28 @@
+"""The GPU benchmark script runs end to end at test size on CPU, so it is ready when a GPU is lent.
+
+CI has no GPU, and ``benchmarks/sd15_gpu.py`` is otherwise only run on a lent device machine; this keeps
+it from breaking unnoticed between those runs. It checks that the script completes and reports every
+row, not its figures (benchmarks are measured side by side, never asserted in unit tests).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_sd15_gpu_benchmark_runs_at_test_size() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sd15_gpu.py"), "--tiny", "--batch-sizes", "2", "--repeats", "1",
+         "--steps", "2"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("2 ")]
+    assert [row[1] for row in rows] == ["off", "on"]  # batch 2 without and with gradient checkpointing
+    assert all(float(row[2]) > 0 and float(row[5]) > 0 for row in rows)  # ms/step, TFLOP/step
+    assert "generate: 64x48, 2 DDIM steps" in done.stdout
