@@ -188,33 +188,35 @@ def test_deepspeed_zero3_gathers_its_shards_to_validate_and_save(
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
 
-def test_deepspeed_zero3_saves_lora_like_one_process(
+def test_deepspeed_zero3_keeps_ema_and_lora_like_one_process(
         tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
-    """The gathered copy carries the LoRA layers too: the fused pipeline matches 1 process (which runs
-    without gradient checkpointing: recomputing activations under ZeRO-3 changes nothing either)."""
+    """EMA averages each rank's slices and the gathered copy carries the LoRA layers: the saved pipeline
+    (EMA weights, LoRA fused in) matches 1 process, which runs without gradient checkpointing (recomputing
+    activations under ZeRO-3 changes nothing either); each rank checkpoints its EMA slices, so a resumed
+    run ends bit-identical."""
     common, _, base = deepspeed_inputs
-    overrides = [*common, f"optim.max_steps={STEPS}", "model.lora_rank=4", "optim.lr=1e-2"]
+    overrides = [*common, f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "optim.lr=1e-2"]
     one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
-    two = _train(tmp_path / "z3", [*overrides, "model.gradient_checkpointing=true"], processes=2, batch_size=2,
-                 zero_stage=3)
+    zero3 = [*overrides, "model.gradient_checkpointing=true"]
+    two = _train(tmp_path / "z3", zero3, processes=2, batch_size=2, zero_stage=3)
     _assert_same_training(one, two, saved_weights(base))
     assert (tmp_path / "z3" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
+    killed_after(tmp_path / "z3", 2, tmp_path / "resumed")
+    resumed = _train(tmp_path / "resumed", [*zero3, "checkpoint.resume=latest"], processes=2, batch_size=2,
+                     zero_stage=3)
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
 
-def test_deepspeed_zero3_refuses_ema_and_reference_conditioning(
+
+def test_deepspeed_zero3_refuses_reference_conditioning(
         tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
-    """EMA would average each rank's placeholders; reference conditioning uses its slot embeddings where
-    ZeRO-3 has released them. Both stop before the first step, saying why."""
+    """Reference conditioning uses its slot embeddings where ZeRO-3 has released them: the run stops
+    before the first step, saying why."""
     from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
 
-    common = [*deepspeed_inputs[0], "optim.max_steps=1"]
-    done = _launch(tmp_path / "ema", [*common, "ema.decay=0.9"], processes=2, batch_size=2, zero_stage=3)
-    assert done.returncode != 0 and "ema.decay > 0 is not supported with DeepSpeed ZeRO stage 3" in done.stderr
-    assert not (tmp_path / "ema" / "checkpoints").exists()
-
     reference = save_tiny_photoshoot_pipeline(tmp_path / "reference", conditioning="both", randomize_zero_init=False)
-    done = _launch(tmp_path / "ref", [*common, f"model.pretrained={reference}"], processes=2, batch_size=2,
-                   zero_stage=3)
+    done = _launch(tmp_path / "ref", [*deepspeed_inputs[0], "optim.max_steps=1", f"model.pretrained={reference}"],
+                   processes=2, batch_size=2, zero_stage=3)
     assert done.returncode != 0 and "reference conditioning ('both') is not supported with DeepSpeed ZeRO" in done.stderr
     assert not (tmp_path / "ref" / "checkpoints").exists()
 

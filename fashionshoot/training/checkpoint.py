@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fashionshoot.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -83,8 +85,17 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, keep: int) -> Path:
-    """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep``; call on every rank."""
+def per_rank_file(name: str, rank: int) -> str:
+    """File name of one rank's copy of per-rank state ``name`` in a checkpoint."""
+    return f"{name}-rank{rank}.pt"
+
+
+def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerState, keep: int,
+                    per_rank: Mapping[str, Any] | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep``; call on every rank.
+
+    ``per_rank`` objects (``state_dict``/``load_state_dict``) differ between ranks, e.g. EMA over ZeRO-3
+    slices, so every rank writes its own (accelerate writes registered objects from rank 0 only)."""
     folder = Path(output_dir) / CHECKPOINT_DIR
     final = folder / f"checkpoint-{state.step:08d}"
     tmp = folder / f".tmp-checkpoint-{state.step:08d}"
@@ -93,6 +104,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank writes its own RNG state; rank 0 the rest
+    for name, obj in (per_rank or {}).items():
+        torch.save(obj.state_dict(), tmp / per_rank_file(name, accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_NAME).write_text(json.dumps(vars(state), indent=1) + "\n")
@@ -105,8 +118,10 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any]) -> TrainerState:
-    """Restore ``path`` into the prepared objects after checking it was written by a matching config."""
+def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any],
+                    per_rank: Mapping[str, Any] | None = None) -> TrainerState:
+    """Restore ``path`` into the prepared objects (and this rank's ``per_rank`` state, see
+    :func:`save_checkpoint`) after checking it was written by a matching config."""
     path = Path(path)
     saved = TrainerState(**json.loads((path / STATE_NAME).read_text()))
     mismatches = config_mismatches(saved.config, config)
@@ -115,6 +130,12 @@ def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any
                           + "; ".join(mismatches))
     _warn_if_the_schedule_changes(saved, config)
     accelerator.load_state(str(path))
+    for name, obj in (per_rank or {}).items():
+        file = path / per_rank_file(name, accelerator.process_index)
+        if not file.is_file():
+            raise ConfigError(f"checkpoint {path} has no {file.name}: resume with the number of processes that "
+                              f"wrote it ({name} is saved per rank)")
+        obj.load_state_dict(torch.load(file, map_location=accelerator.device, weights_only=True))
     return saved
 
 

@@ -54,7 +54,13 @@ from fashionshoot.training.data import (
 )
 from fashionshoot.training.randomness import SampleRandomness
 from fashionshoot.training.validation import ValidationResult, settings_from, validate
-from fashionshoot.training.whole_weights import WholeWeights, configure_zero3, shards_parameters, whole_models
+from fashionshoot.training.whole_weights import (
+    WholeWeights,
+    configure_zero3,
+    local_weights,
+    shards_parameters,
+    whole_models,
+)
 
 #: Where a LoRA run also saves its LoRA layers alone (``unet.load_lora_adapter`` format), next to the pipeline.
 LORA_DIR = "unet_lora"
@@ -291,6 +297,8 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     ema: Any
+    ema_params: list[torch.nn.Parameter]  # what EMA averages: ``params``, or under ZeRO-3 this rank's slices
+    per_rank: dict[str, Any]  # checkpointed by every rank (EMA over ZeRO-3 slices)
     whole: WholeWeights
 
 
@@ -317,13 +325,14 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     optimizer = make_optimizer(groups, config.optim)
     lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
                                  num_training_steps=config.optim.max_steps)
+    sharded = shards_parameters(accelerator)
     if accelerator.state.deepspeed_plugin is not None:
         # No dataloader goes through prepare, and the loop accumulates and clips by its own config.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=config.optim.batch_size,
             gradient_accumulation_steps=config.optim.grad_accum,
             gradient_clipping=config.optim.max_grad_norm)
-        if shards_parameters(accelerator):
+        if sharded:
             if pipe.garment_adapter.uses_reference:
                 raise ConfigError(
                     f"{base}: reference conditioning ({pipe.garment_adapter.config.conditioning!r}) is not supported "
@@ -332,18 +341,22 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
                     "'cross_attention', or zero_stage 1 or 2, or DDP (multi_gpu)")
             configure_zero3(accelerator.state.deepspeed_plugin.deepspeed_config)
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
-    # for flat fp32 partitions (a rank's shard), which EMA and validation must not average or overwrite.
+    # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
     params = [p for group in groups for p in group["params"]]
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
-    ema = None
+    ema, ema_params, per_rank = None, local_weights(params, sharded), {}
     if config.ema.decay:
-        ema = EMAModel(params, decay=config.ema.decay, update_after_step=config.ema.update_after_step)
+        ema = EMAModel(ema_params, decay=config.ema.decay, update_after_step=config.ema.update_after_step)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        if sharded:
+            per_rank["ema"] = ema
+        else:
+            accelerator.register_for_checkpointing(ema)
     lora = (lambda unet: add_lora(unet, config.model)) if config.model.lora_rank else None
     whole = WholeWeights(accelerator, pipe, denoiser, add_layers=lora)
-    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema, whole)
+    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema,
+                   ema_params, per_rank, whole)
 
 
 def _finish_weights(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, out: Path, frozen_dtype: torch.dtype) -> None:
@@ -369,13 +382,13 @@ def averaged_weights(trainee: Trainee) -> Iterator[None]:
     """Swap the EMA weights in for the duration (a no-op without EMA), and eval mode."""
     trainee.denoiser.eval()
     if trainee.ema is not None:
-        trainee.ema.store(trainee.params)
-        trainee.ema.copy_to(trainee.params)
+        trainee.ema.store(trainee.ema_params)
+        trainee.ema.copy_to(trainee.ema_params)
     try:
         yield
     finally:
         if trainee.ema is not None:
-            trainee.ema.restore(trainee.params)
+            trainee.ema.restore(trainee.ema_params)
         trainee.denoiser.train()
 
 
@@ -403,16 +416,15 @@ def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None,
-                           uses_ema: bool = False) -> None:
-    """Refuse accelerate's FSDP plugin, EMA under DeepSpeed ZeRO-3 and DeepSpeed half precision with the
-    reason, instead of training wrongly.
+def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None) -> None:
+    """Refuse accelerate's FSDP plugin and DeepSpeed half precision with the reason, instead of training
+    wrongly.
 
     DeepSpeed ZeRO-1/2 keep whole parameters on every rank (only optimizer state and gradients are
     partitioned), so saving, validation, EMA and the ``conv_in`` gradient hook work unchanged;
-    :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 also shards the parameters: validation
-    and saving gather them (:mod:`fashionshoot.training.whole_weights`), but EMA would average each rank's
-    empty placeholders. FSDP shards them too and is untested (accelerate enables it only on GPUs; a
+    :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 also shards the parameters: EMA
+    averages each rank's slices, validation and saving gather them (:mod:`fashionshoot.training.whole_weights`).
+    FSDP shards them too and is untested (accelerate enables it only on GPUs; a
     forced CPU trial saved flat views). DeepSpeed's bf16/fp16 modes cast the trained weights themselves
     (accelerate hands mixed precision to them), so the saved pipeline and EMA would be half precision:
     untested, refused.
@@ -420,10 +432,6 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
     if name == "DEEPSPEED":
         ds = deepspeed_config or {}
-        if uses_ema and int(ds.get("zero_optimization", {}).get("stage", 0)) >= 3:
-            raise ConfigError("ema.decay > 0 is not supported with DeepSpeed ZeRO stage 3 (each rank holds only a "
-                              "shard of every weight, so EMA would average placeholders); set ema.decay=0, or use "
-                              "zero_stage 1 or 2, or DDP (multi_gpu)")
         half = [dtype for dtype in ("bf16", "fp16") if str(ds.get(dtype, {}).get("enabled", False)).lower() == "true"]
         if half:
             raise ConfigError(f"DeepSpeed {half[0]} is not supported by the photoshoot trainer yet (DeepSpeed would "
@@ -493,8 +501,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
                               log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
-    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None,
-                           uses_ema=config.ema.decay > 0)
+    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
     check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     set_seed(config.seed)
     resume = resolve_resume(config.checkpoint.resume, out)
@@ -521,7 +528,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                              accelerator.process_index, accelerator.num_processes, step, config.optim.grad_accum)
 
     resolved = to_dict(config)
-    state = load_checkpoint(accelerator, resume, resolved) if resume else TrainerState()
+    state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank) if resume else TrainerState()
     state.config = resolved
     accelerator.init_trackers("photoshoot", config=_tracker_config(config))
     encoder = None
@@ -564,7 +571,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             optimizer.step()
             trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
             if trainee.ema is not None:
-                trainee.ema.step(trainee.params)
+                trainee.ema.step(trainee.ema_params)
         else:
             state.nan_steps += 1
         optimizer.zero_grad(set_to_none=True)
@@ -584,7 +591,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             accelerator.log({"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
                              "nan_steps": state.nan_steps}, step=state.step)
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
-            last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep)
+            last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep, trainee.per_rank)
         every = config.validation.every
         if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
             with averaged_weights(trainee):
@@ -603,7 +610,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
     if trainee.ema is not None:
-        trainee.ema.copy_to(trainee.params)
+        trainee.ema.copy_to(trainee.ema_params)
     denoiser.eval()
     final_pipe = trainee.whole.pipeline()  # every rank: ZeRO-3 gathers
     if final_pipe is not None:

@@ -19,6 +19,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+
 from fashionshoot.models.denoiser import PhotoshootDenoiser
 from fashionshoot.pipelines.photoshoot import PhotoshootPipeline
 
@@ -27,6 +29,19 @@ def shards_parameters(accelerator: Any) -> bool:
     """Whether this run's parameters are partitioned across ranks (DeepSpeed ZeRO stage 3)."""
     plugin = accelerator.state.deepspeed_plugin
     return plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) >= 3
+
+
+def local_weights(params: list[torch.nn.Parameter], sharded: bool) -> list[torch.nn.Parameter]:
+    """What holds this rank's values of ``params``, for EMA to average and overwrite.
+
+    Without sharding, the parameters themselves. Under ZeRO-3 each parameter is an empty placeholder and
+    its local slice lives in ``ds_tensor``; this returns a Parameter sharing that slice's storage, so EMA
+    averages the slice, and copying averaged values into it before a gather gathers the averaged weights.
+    Call after ``prepare``: ZeRO-3's optimizer moves the slices into its flat buffers while it initialises.
+    """
+    if not sharded:
+        return params
+    return [torch.nn.Parameter(param.ds_tensor, requires_grad=param.requires_grad) for param in params]
 
 
 @contextlib.contextmanager

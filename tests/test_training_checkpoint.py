@@ -1,0 +1,42 @@
+"""Per-rank checkpoint state (EMA over ZeRO-3 slices): every rank writes and reads back its own file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashionshoot.errors import ConfigError
+from fashionshoot.training.checkpoint import TrainerState, load_checkpoint, per_rank_file, save_checkpoint
+
+
+@pytest.fixture
+def accelerator() -> Iterator[object]:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_per_rank_state_round_trips_and_a_missing_rank_file_is_named(tmp_path: Path, accelerator: object) -> None:
+    torch.manual_seed(0)
+    mine, restored = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    state = TrainerState(step=5, config={"seed": 0})
+    saved = save_checkpoint(accelerator, tmp_path, state, keep=1, per_rank={"ema": mine})
+    assert (saved / per_rank_file("ema", 0)).is_file()
+
+    def same() -> bool:
+        return all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), restored.state_dict().values(),
+                                                     strict=True))
+
+    assert not same()
+    assert load_checkpoint(accelerator, saved, {"seed": 0}, per_rank={"ema": restored}).step == 5
+    assert same()
+
+    (saved / per_rank_file("ema", 0)).unlink()
+    with pytest.raises(ConfigError, match="has no ema-rank0.pt: resume with the number of processes"):
+        load_checkpoint(accelerator, saved, {"seed": 0}, per_rank={"ema": restored})
