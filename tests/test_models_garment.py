@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from fashionshoot import testing
 from fashionshoot.models.attention import CONTROLS_KEY
 from fashionshoot.models.denoiser import PhotoshootDenoiser
-from fashionshoot.models.garment_adapter import GarmentAdapter, install_garment_attention
+from fashionshoot.models.garment_adapter import (
+    TOKEN_MULTIPLE,
+    GarmentAdapter,
+    GarmentConditioning,
+    install_garment_attention,
+)
 from fashionshoot.models.garment_encoder import GarmentProjector, encode_garment_pixels, scatter_slots
 from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in
 from fashionshoot.models.reference_net import write_reference
@@ -91,6 +96,26 @@ def test_empty_slots_are_masked_out_not_attended(unet, inputs):
     assert torch.allclose(out_mixed[0], out[0], atol=1e-6)
     assert torch.allclose(out_mixed[1], _run(unet, inputs)[1], atol=1e-6)
     assert not torch.allclose(out[1], _run(unet, inputs)[1], atol=1e-4)
+
+
+def test_token_padding_and_guidance_branches_change_nothing(unet, inputs):
+    """Garment tokens are padded with invalid ones (fast CPU attention) and scaled per sample through
+    the values; neither changes the garment term, and a branch without garments is the base UNet."""
+    install_garment_attention(unet)
+    adapter = _randomize(GarmentAdapter.from_unet(unet, image_embed_dim=DIM))
+    controls = adapter(inputs["mask"], inputs["features"])
+    cond = controls["garment"]
+    real = SLOTS * adapter.config.num_tokens
+    assert cond.valid.shape[1] % TOKEN_MULTIPLE == 0 and cond.valid.shape[1] > real
+    assert not cond.valid[:, real:].any()
+    unpadded = GarmentConditioning({k: v[:, :real] for k, v in cond.keys.items()},
+                                   {k: v[:, :real] for k, v in cond.values.items()}, cond.valid[:, :real])
+    out = _run(unet, inputs, controls)
+    assert torch.allclose(_run(unet, inputs, {"garment": unpadded}), out, atol=1e-6)
+    stacked = {"latents": inputs["latents"].repeat(2, 1, 1, 1), "ehs": inputs["ehs"].repeat(2, 1, 1)}
+    branches = _run(unet, stacked, {"garment": cond.for_branches([True, False])})
+    assert torch.allclose(branches[:2], out, atol=1e-6)
+    assert torch.allclose(branches[2:], _run(unet, inputs), atol=1e-6)
 
 
 def test_slot_identity_matters(unet, inputs):
@@ -178,4 +203,4 @@ def test_garment_features_from_clip_or_siglip_vision_towers(tower):
     assert features.shape[:2] == (1, SLOTS) and features.shape[-1] == DIM
     assert features[0, 1].abs().sum() == 0 and features[0, 5].abs().sum() > 0
     controls = GarmentAdapter(image_embed_dim=DIM, layers=["x"], layer_dims=[8])(mask, features)
-    assert controls["garment"].keys["x"].shape == (1, SLOTS * 4, 8)
+    assert controls["garment"].keys["x"].shape == (1, 32, 8)  # SLOTS * 4 tokens, padded to TOKEN_MULTIPLE
