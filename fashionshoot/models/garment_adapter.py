@@ -17,7 +17,7 @@ Which paths exist is config (``conditioning``): ``"cross_attention"``, ``"refere
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -118,6 +118,26 @@ def _module_key(layer: str) -> str:
     return layer.replace(".", "__")
 
 
+class SlotEmbeddings(nn.Module):
+    """A zero-initialised ``(slots, channels)`` embedding per reference layer, added to the recorded
+    reference states so the generator can tell the slots apart.
+
+    The sum happens in this module's own forward and comes out as a dict of tensors, so a sharding
+    engine that gathers a module's weights only around its forward and around the tensors it returns
+    (DeepSpeed ZeRO-3) has them for the backward too; read from the adapter's forward they were empty.
+    Weights are named ``<layer with __ for .>`` as in the ``nn.ParameterDict`` this replaces."""
+
+    def __init__(self, layers: Sequence[str], dims: Sequence[int], num_slots: int) -> None:
+        super().__init__()
+        for layer, dim in zip(layers, dims, strict=True):
+            self.register_parameter(_module_key(layer), nn.Parameter(torch.zeros(num_slots, dim)))
+
+    def forward(self, states: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = dict(self.named_parameters())
+        return {layer: v + weights[_module_key(layer)][None, :, None, :] if _module_key(layer) in weights else v
+                for layer, v in states.items()}
+
+
 class GarmentAdapter(ModelMixin, ConfigMixin):
     """Trainable garment conditioning for a UNet; build with :meth:`from_unet`.
 
@@ -153,10 +173,7 @@ class GarmentAdapter(ModelMixin, ConfigMixin):
             for linear in self.to_v.values():
                 nn.init.zeros_(linear.weight)
         if self.uses_reference:
-            self.reference_slot_embedding = nn.ParameterDict({
-                _module_key(n): nn.Parameter(torch.zeros(len(slots), d))
-                for n, d in zip(reference_layers, reference_dims, strict=True)
-            })
+            self.reference_slot_embedding = SlotEmbeddings(reference_layers, reference_dims, len(slots))
 
     @property
     def uses_cross_attention(self) -> bool:
@@ -217,6 +234,5 @@ class GarmentAdapter(ModelMixin, ConfigMixin):
         if self.uses_reference:
             if reference is None:
                 raise ConfigError("this garment adapter uses reference conditioning: pass a reference bank")
-            embeddings = {n: self.reference_slot_embedding[_module_key(n)] for n in self.config.reference_layers}
-            controls[REFERENCE_KEY] = reference.with_slot_embeddings(embeddings)
+            controls[REFERENCE_KEY] = ReferenceBank(self.reference_slot_embedding(reference.states), reference.slot_mask)
         return controls

@@ -11,7 +11,7 @@ empty slots masked out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,11 +54,6 @@ class ReferenceBank:
         """Tile for stacked guidance branches; a ``False`` branch sees every slot as empty."""
         mask = torch.cat([self.slot_mask & k for k in keep])
         return ReferenceBank({k: v.repeat(len(keep), 1, 1, 1) for k, v in self.states.items()}, mask)
-
-    def with_slot_embeddings(self, embeddings: Mapping[str, torch.Tensor]) -> ReferenceBank:
-        """Add a ``(slots, channels)`` embedding per layer so the generator can tell the slots apart."""
-        states = {k: v + embeddings[k][None, :, None, :] if k in embeddings else v for k, v in self.states.items()}
-        return ReferenceBank(states, self.slot_mask)
 
 
 class ReferenceAttention(AttentionFeature):

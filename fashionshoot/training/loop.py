@@ -333,12 +333,6 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
             gradient_accumulation_steps=config.optim.grad_accum,
             gradient_clipping=config.optim.max_grad_norm)
         if sharded:
-            if pipe.garment_adapter.uses_reference:
-                raise ConfigError(
-                    f"{base}: reference conditioning ({pipe.garment_adapter.config.conditioning!r}) is not supported "
-                    "with DeepSpeed ZeRO stage 3 (its per-slot embeddings are used outside the adapter's forward, "
-                    "where ZeRO-3 has released them: the first backward fails); use conditioning "
-                    "'cross_attention', or zero_stage 1 or 2, or DDP (multi_gpu)")
             configure_zero3(accelerator.state.deepspeed_plugin.deepspeed_config)
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
     # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
