@@ -35,13 +35,36 @@ ZERO3_CONFIG = {"zero_optimization": {"stage": 3, "stage3_param_persistence_thre
                 "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                 "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
                 "fp16": {"enabled": False}, "bf16": {"enabled": False}}
+#: accelerate enables its FSDP plugin only on GPUs (on CPU processes it keeps DDP over gloo); this launcher
+#: switches the CPU processes' accelerate state to FSDP2 after they joined. Everything after that is
+#: accelerate's and torch's real FSDP2 (``fully_shard`` over gloo, DTensor parameters, sharded checkpoints).
+CPU_FSDP_LAUNCHER = """\
+import runpy
+import accelerate
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+
+class CpuFsdpAccelerator(accelerate.Accelerator):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        PartialState().distributed_type = self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+
+
+accelerate.Accelerator = CpuFsdpAccelerator
+runpy.run_path({script!r}, run_name="__main__")
+"""
 
 pytestmark = pytest.mark.slow
 
 
 def _launch(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0,
-            script: Path = SCRIPT) -> subprocess.CompletedProcess:
+            script: Path = SCRIPT, fsdp: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if fsdp:
+        script = out.parent / f"{out.name}-cpu-fsdp.py"
+        script.write_text(CPU_FSDP_LAUNCHER.format(script=str(SCRIPT)))
     launch = [sys.executable, str(script)]
     if zero_stage:  # DeepSpeed must not see ACCELERATE_USE_CPU (accelerate then drops it); its CPU accelerator uses gloo
         env = {**env, "DS_ACCELERATOR": "cpu"}
@@ -62,8 +85,9 @@ def _launch(out: Path, common: list[str], processes: int, batch_size: int, zero_
                           env=env, capture_output=True, text=True, timeout=600)
 
 
-def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0) -> dict[str, torch.Tensor]:
-    done = _launch(out, common, processes, batch_size, zero_stage)
+def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0,
+           fsdp: bool = False) -> dict[str, torch.Tensor]:
+    done = _launch(out, common, processes, batch_size, zero_stage, fsdp=fsdp)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("trained to step") == 1  # one summary, from the main process
     return saved_weights(out / "pipeline")
@@ -107,12 +131,11 @@ def test_two_process_ddp_matches_one_process(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def deepspeed_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], dict[str, torch.Tensor], Path]:
-    """Overrides for a small synthetic set and tiny base, the 1-process reference weights, and the base."""
-    pytest.importorskip("deepspeed")
+def small_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Path]:
+    """Overrides for a small synthetic set and tiny base, and the base."""
     from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
 
-    folder = tmp_path_factory.mktemp("deepspeed")
+    folder = tmp_path_factory.mktemp("small")
     small = ["data.synthetic.num_garments=40", "data.synthetic.lookbooks_per_garment=2"]
     config = config_from_argv(PhotoshootTrainConfig, small, default_path=ROOT / "configs" / "photoshoot_tiny.yaml")
     load_records(config.data, folder)
@@ -123,7 +146,15 @@ def deepspeed_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str
               "optim.grad_accum=2", "optim.warmup_steps=2", "optim.max_grad_norm=0.05", "model.train_unet=false",
               "validation.steps=1", "validation.num_pairs=2", "validation.grid_rows=1", "log_with=none",
               "checkpoint.every=1"]
-    one = _train(folder / "one", [*common, f"optim.max_steps={STEPS}"], processes=1, batch_size=4)
+    return common, base
+
+
+@pytest.fixture(scope="module")
+def deepspeed_inputs(small_inputs: tuple[list[str], Path]) -> tuple[list[str], dict[str, torch.Tensor], Path]:
+    """``small_inputs`` and the 1-process reference weights (adapter + pose channels trained)."""
+    pytest.importorskip("deepspeed")
+    common, base = small_inputs
+    one = _train(base.parent / "one", [*common, f"optim.max_steps={STEPS}"], processes=1, batch_size=4)
     return common, one, base
 
 
@@ -222,6 +253,33 @@ def test_deepspeed_zero3_trains_reference_conditioning_like_one_process(
     _assert_same_training(one, two, start)
     slot_embeddings = [k for k in start if "reference_slot_embedding" in k]
     assert slot_embeddings and not any(torch.equal(two[k], start[k]) for k in slot_embeddings)
+
+
+def test_fsdp2_gathers_its_shards_to_validate_save_and_resume(tmp_path: Path,
+                                                             small_inputs: tuple[list[str], Path]) -> None:
+    """FSDP2 (forced on the CPU processes, see ``CPU_FSDP_LAUNCHER``) shards every weight: the whole UNet
+    with EMA trains like 1 process, validates mid-way on gathered weights, resumes bit-identically from
+    FSDP's sharded checkpoint and per-rank EMA; adapter-only runs, whose pose-channel mask is a gradient
+    hook FSDP2 bypasses, are refused before the first step."""
+    common, base = small_inputs
+    overrides = [*common, f"optim.max_steps={STEPS}", "model.train_unet=true", "ema.decay=0.9"]
+    one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
+    sharded = [*overrides, "validation.every=2"]
+    two = _train(tmp_path / "fsdp", sharded, processes=2, batch_size=2, fsdp=True)
+
+    _assert_same_training(one, two, saved_weights(base))
+    logged = (tmp_path / "fsdp" / "validation" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in logged] == [2, STEPS]
+    assert (tmp_path / "fsdp" / "checkpoints" / f"checkpoint-{STEPS:08d}" / "pytorch_model_fsdp_0").is_dir()
+
+    killed_after(tmp_path / "fsdp", 2, tmp_path / "resumed")
+    resumed = _train(tmp_path / "resumed", [*sharded, "checkpoint.resume=latest"], processes=2, batch_size=2,
+                     fsdp=True)
+    assert all(torch.equal(resumed[k], two[k]) for k in two)
+
+    done = _launch(tmp_path / "adapter", [*common, "optim.max_steps=1"], processes=2, batch_size=2, fsdp=True)
+    assert done.returncode != 0 and "FSDP trains the whole UNet only" in done.stderr
+    assert not (tmp_path / "adapter" / "checkpoints").exists()
 
 
 def test_deepspeed_stops_on_a_non_finite_loss_inside_a_window(

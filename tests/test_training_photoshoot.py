@@ -192,8 +192,9 @@ def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
                                                           "bf16": {"enabled": False}})
     with pytest.raises(ConfigError, match="DeepSpeed bf16.*half precision.*DDP"):
         check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    with pytest.raises(ConfigError, match="FSDP.*conv_in.*ZeRO-3.*DDP"):
-        check_distributed_type(DistributedType.FSDP)
+    check_distributed_type(DistributedType.FSDP, fsdp_version=2)
+    with pytest.raises(ConfigError, match="FSDP plugin version 1 .*--fsdp_version 2.*ZeRO-3.*DDP"):
+        check_distributed_type(DistributedType.FSDP, fsdp_version=1)
 
 
 def test_a_launch_whose_processes_did_not_join_is_refused() -> None:

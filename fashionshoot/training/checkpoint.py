@@ -94,8 +94,9 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
                     per_rank: Mapping[str, Any] | None = None) -> Path:
     """Write ``checkpoint-<step>`` atomically and delete all but the newest ``keep``; call on every rank.
 
-    ``per_rank`` objects (``state_dict``/``load_state_dict``) differ between ranks, e.g. EMA over ZeRO-3
-    slices, so every rank writes its own (accelerate writes registered objects from rank 0 only)."""
+    ``per_rank`` objects (``state_dict``, ``load_state_dict`` and ``to(device)``) differ between ranks, e.g.
+    EMA over ZeRO-3 or FSDP slices, so every rank writes its own (accelerate writes registered objects from
+    rank 0 only)."""
     folder = Path(output_dir) / CHECKPOINT_DIR
     final = folder / f"checkpoint-{state.step:08d}"
     tmp = folder / f".tmp-checkpoint-{state.step:08d}"
@@ -135,7 +136,8 @@ def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any
         if not file.is_file():
             raise ConfigError(f"checkpoint {path} has no {file.name}: resume with the number of processes that "
                               f"wrote it ({name} is saved per rank)")
-        obj.load_state_dict(torch.load(file, map_location=accelerator.device, weights_only=True))
+        obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        obj.to(accelerator.device)
     return saved
 
 

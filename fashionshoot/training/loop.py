@@ -337,7 +337,15 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
     # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
     params = [p for group in groups for p in group["params"]]
+    if sharded and accelerator.state.deepspeed_plugin is None and not config.model.train_unet and pipe.pose_channels:
+        raise ConfigError("FSDP trains the whole UNet only (model.train_unet=true): adapter-only and LoRA runs "
+                          "train the pose channels of conv_in through a gradient hook that FSDP2 bypasses (it "
+                          "assigns the sharded gradients directly); use DeepSpeed ZeRO-3 or DDP for them")
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    if sharded and accelerator.state.deepspeed_plugin is None:
+        # FSDP2 replaced the parameters with DTensors. All are trained (see above); in the module's order,
+        # since accelerate's clip_grad_norm_ recognises an FSDP model's parameters by comparing lists.
+        params = list(denoiser.parameters())
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
     ema, ema_params, per_rank = None, local_weights(params, sharded), {}
     if config.ema.decay:
@@ -410,16 +418,16 @@ def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None) -> None:
-    """Refuse accelerate's FSDP plugin and DeepSpeed half precision with the reason, instead of training
-    wrongly.
+def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str, Any] | None = None,
+                           fsdp_version: int | None = None) -> None:
+    """Refuse FSDP1 and DeepSpeed half precision with the reason, instead of training wrongly.
 
     DeepSpeed ZeRO-1/2 keep whole parameters on every rank (only optimizer state and gradients are
     partitioned), so saving, validation, EMA and the ``conv_in`` gradient hook work unchanged;
-    :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 also shards the parameters: EMA
+    :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 and FSDP2 also shard the parameters: EMA
     averages each rank's slices, validation and saving gather them (:mod:`fashionshoot.training.whole_weights`).
-    FSDP shards them too and is untested (accelerate enables it only on GPUs; a
-    forced CPU trial saved flat views). DeepSpeed's bf16/fp16 modes cast the trained weights themselves
+    FSDP1 flattens parameters into views that the loop's parameter lists, EMA and gathering do not follow
+    (a forced CPU trial saved flat views). DeepSpeed's bf16/fp16 modes cast the trained weights themselves
     (accelerate hands mixed precision to them), so the saved pipeline and EMA would be half precision:
     untested, refused.
     """
@@ -431,12 +439,11 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
             raise ConfigError(f"DeepSpeed {half[0]} is not supported by the photoshoot trainer yet (DeepSpeed would "
                               "cast the trained weights, the EMA and the saved pipeline to half precision); use "
                               "mixed_precision 'no' with DeepSpeed, or DDP (multi_gpu) with mixed_precision bf16")
-    if name == "FSDP":
+    if name == "FSDP" and fsdp_version != 2:
         raise ConfigError(
-            f"accelerate's {name} plugin is not supported by the photoshoot trainer yet (untested: it would "
-            "save a sharded pipeline and bypass the conv_in gradient mask); to shard the weights use DeepSpeed "
-            "ZeRO-3 (--use_deepspeed --zero_stage 3), or launch with DDP (multi_gpu) and save memory with "
-            "model.gradient_checkpointing, optim.optimizer=adamw8bit, model.train_unet=false or model.lora_rank")
+            f"accelerate's FSDP plugin version {fsdp_version} is not supported by the photoshoot trainer (FSDP1 "
+            "flattens the parameters into views its EMA and saving do not follow); launch with --fsdp_version 2, "
+            "DeepSpeed ZeRO-3 (--use_deepspeed --zero_stage 3), or DDP (multi_gpu)")
 
 
 def check_process_count(launched: int, joined: int) -> None:
@@ -495,7 +502,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
                               log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
     plugin = accelerator.state.deepspeed_plugin
-    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)  # set only under FSDP
+    check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None,
+                           fsdp.fsdp_version if fsdp is not None else None)
     check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
     set_seed(config.seed)
     resume = resolve_resume(config.checkpoint.resume, out)

@@ -1,8 +1,8 @@
-"""Whole trained weights on the main process, also when DeepSpeed ZeRO-3 shards them across ranks.
+"""Whole trained weights on the main process, also when DeepSpeed ZeRO-3 or FSDP2 shards them across ranks.
 
 DDP and ZeRO-1/2 keep whole parameters on every rank, so the training pipeline itself is validated and
-saved. ZeRO-3 keeps 1/N of every parameter of the wrapped module on each rank and gathers them only
-around each submodule's forward, so validation and saving go through a plain copy instead:
+saved. ZeRO-3 and FSDP2 keep 1/N of every parameter of the wrapped module on each rank and gather them
+only around the forward and backward, so validation and saving go through a plain copy instead:
 :meth:`WholeWeights.pipeline` gathers the shards (a collective: every rank calls it) and the main
 process loads them into a copy of the UNet and garment adapter, built once, which shares the frozen
 VAE and encoders (they never enter the engine, so they stay whole).
@@ -26,7 +26,9 @@ from fashionshoot.pipelines.photoshoot import PhotoshootPipeline
 
 
 def shards_parameters(accelerator: Any) -> bool:
-    """Whether this run's parameters are partitioned across ranks (DeepSpeed ZeRO stage 3)."""
+    """Whether this run's parameters are partitioned across ranks (DeepSpeed ZeRO stage 3, or FSDP)."""
+    if str(accelerator.distributed_type.value).upper() == "FSDP":
+        return True
     plugin = accelerator.state.deepspeed_plugin
     return plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) >= 3
 
@@ -34,14 +36,16 @@ def shards_parameters(accelerator: Any) -> bool:
 def local_weights(params: list[torch.nn.Parameter], sharded: bool) -> list[torch.nn.Parameter]:
     """What holds this rank's values of ``params``, for EMA to average and overwrite.
 
-    Without sharding, the parameters themselves. Under ZeRO-3 each parameter is an empty placeholder and
-    its local slice lives in ``ds_tensor``; this returns a Parameter sharing that slice's storage, so EMA
-    averages the slice, and copying averaged values into it before a gather gathers the averaged weights.
-    Call after ``prepare``: ZeRO-3's optimizer moves the slices into its flat buffers while it initialises.
+    Without sharding, the parameters themselves. Sharded, a Parameter sharing the storage of each one's
+    local slice: under ZeRO-3 the parameter is an empty placeholder and the slice lives in ``ds_tensor``;
+    under FSDP2 it is a DTensor and the slice is its local tensor. EMA then averages the slice, and copying
+    averaged values into it before a gather gathers the averaged weights. Call after ``prepare``: ZeRO-3's
+    optimizer moves the slices into its flat buffers while it initialises, FSDP2 replaces the parameters.
     """
     if not sharded:
         return params
-    return [torch.nn.Parameter(param.ds_tensor, requires_grad=param.requires_grad) for param in params]
+    return [torch.nn.Parameter(param.ds_tensor if hasattr(param, "ds_tensor") else param.to_local(),
+                               requires_grad=param.requires_grad) for param in params]
 
 
 @contextlib.contextmanager
@@ -87,7 +91,7 @@ class WholeWeights:
 
     def pipeline(self) -> PhotoshootPipeline | None:
         """The pipeline to validate and save on the main process (``None`` elsewhere). Call on every rank:
-        under ZeRO-3 it gathers the current weights into the copy; otherwise it is the training pipeline."""
+        sharded, it gathers the current weights into the copy; otherwise it is the training pipeline."""
         if not self.sharded:
             return self.pipe if self.accelerator.is_main_process else None
         state = self.accelerator.get_state_dict(self.denoiser)  # collective; the whole state on rank 0 only
