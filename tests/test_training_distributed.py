@@ -198,7 +198,7 @@ def test_deepspeed_zero3_gathers_its_shards_to_validate_and_save(
         tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
     """ZeRO-3 partitions every weight across the ranks: the run still validates mid-way and at the end on
     whole weights (gathered into a copy on the main process), saves the pipeline 1 process trains (its
-    samples too), keeps the latent conv_in channels frozen, and resumes bit-identically."""
+    samples too) and keeps the latent conv_in channels frozen. (Resuming: the EMA test below.)"""
     common, one, base = deepspeed_inputs
     overrides = [*common, f"optim.max_steps={STEPS}", "validation.every=2"]
     two = _train(tmp_path / "z3", overrides, processes=2, batch_size=2, zero_stage=3)
@@ -212,11 +212,6 @@ def test_deepspeed_zero3_gathers_its_shards_to_validate_and_save(
     samples = [np.asarray(Image.open(folder / "samples.png"), dtype=np.float64)
                for folder in (base.parent / "one", tmp_path / "z3")]
     assert np.abs(samples[0] - samples[1]).mean() < 0.5  # out of 255: the same images up to rounding
-
-    killed_after(tmp_path / "z3", 2, tmp_path / "resumed")
-    resumed = _train(tmp_path / "resumed", [*overrides, "checkpoint.resume=latest"], processes=2, batch_size=2,
-                     zero_stage=3)
-    assert all(torch.equal(resumed[k], two[k]) for k in two)
 
 
 def test_deepspeed_zero3_keeps_ema_and_lora_like_one_process(
