@@ -182,15 +182,25 @@ def test_deepspeed_zero_matches_one_process(tmp_path: Path, zero_stage: int,
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
 
+#: EMA and LoRA on top of the ``deepspeed_inputs`` overrides.
+EMA_LORA = [f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "optim.lr=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def ema_lora_one(deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> dict[str, torch.Tensor]:
+    """The 1-process reference weights of an EMA + LoRA run."""
+    common, _, base = deepspeed_inputs
+    return _train(base.parent / "one-ema-lora", [*common, *EMA_LORA], processes=1, batch_size=4)
+
+
 def test_deepspeed_keeps_ema_and_lora_like_one_process(
-        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
+        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path],
+        ema_lora_one: dict[str, torch.Tensor]) -> None:
     """EMA averages the module's weights, not the flat fp32 shard ZeRO puts in the optimizer's param groups:
     the saved pipeline (EMA weights, LoRA fused in) matches 1 process."""
     common, _, base = deepspeed_inputs
-    overrides = [*common, f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "optim.lr=1e-2"]
-    one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
-    two = _train(tmp_path / "ds", overrides, processes=2, batch_size=2, zero_stage=2)
-    _assert_same_training(one, two, saved_weights(base))
+    two = _train(tmp_path / "ds", [*common, *EMA_LORA], processes=2, batch_size=2, zero_stage=2)
+    _assert_same_training(ema_lora_one, two, saved_weights(base))
     assert (tmp_path / "ds" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -215,17 +225,16 @@ def test_deepspeed_zero3_gathers_its_shards_to_validate_and_save(
 
 
 def test_deepspeed_zero3_keeps_ema_and_lora_like_one_process(
-        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> None:
+        tmp_path: Path, deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path],
+        ema_lora_one: dict[str, torch.Tensor]) -> None:
     """EMA averages each rank's slices and the gathered copy carries the LoRA layers: the saved pipeline
     (EMA weights, LoRA fused in) matches 1 process, which runs without gradient checkpointing (recomputing
     activations under ZeRO-3 changes nothing either); each rank checkpoints its EMA slices, so a resumed
     run ends bit-identical."""
     common, _, base = deepspeed_inputs
-    overrides = [*common, f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "optim.lr=1e-2"]
-    one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
-    zero3 = [*overrides, "model.gradient_checkpointing=true"]
+    zero3 = [*common, *EMA_LORA, "model.gradient_checkpointing=true"]
     two = _train(tmp_path / "z3", zero3, processes=2, batch_size=2, zero_stage=3)
-    _assert_same_training(one, two, saved_weights(base))
+    _assert_same_training(ema_lora_one, two, saved_weights(base))
     assert (tmp_path / "z3" / "unet_lora" / "pytorch_lora_weights.safetensors").is_file()
 
     killed_after(tmp_path / "z3", 2, tmp_path / "resumed")

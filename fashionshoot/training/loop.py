@@ -297,8 +297,8 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     ema: Any
-    ema_params: list[torch.nn.Parameter]  # what EMA averages: ``params``, or under ZeRO-3 this rank's slices
-    per_rank: dict[str, Any]  # checkpointed by every rank (EMA over ZeRO-3 slices)
+    ema_params: list[torch.nn.Parameter]  # what EMA averages: ``params``, or sharded this rank's slices
+    per_rank: dict[str, Any]  # checkpointed by every rank (EMA over sharded slices)
     whole: WholeWeights
 
 
@@ -337,12 +337,13 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
     # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
     params = [p for group in groups for p in group["params"]]
-    if sharded and accelerator.state.deepspeed_plugin is None and not config.model.train_unet and pipe.pose_channels:
+    fsdp = sharded and accelerator.state.deepspeed_plugin is None
+    if fsdp and not config.model.train_unet:
         raise ConfigError("FSDP trains the whole UNet only (model.train_unet=true): adapter-only and LoRA runs "
                           "train the pose channels of conv_in through a gradient hook that FSDP2 bypasses (it "
                           "assigns the sharded gradients directly); use DeepSpeed ZeRO-3 or DDP for them")
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    if sharded and accelerator.state.deepspeed_plugin is None:
+    if fsdp:
         # FSDP2 replaced the parameters with DTensors. All are trained (see above); in the module's order,
         # since accelerate's clip_grad_norm_ recognises an FSDP model's parameters by comparing lists.
         params = list(denoiser.parameters())
@@ -598,7 +599,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         every = config.validation.every
         if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
             with averaged_weights(trainee):
-                current = trainee.whole.pipeline()  # every rank: ZeRO-3 gathers
+                current = trainee.whole.pipeline()  # every rank: sharded runs gather
                 if current is not None:
                     metrics = run_validation(current, config, test_records, root, out, state.step, encoder).metrics
                     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
@@ -615,7 +616,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     if trainee.ema is not None:
         trainee.ema.copy_to(trainee.ema_params)
     denoiser.eval()
-    final_pipe = trainee.whole.pipeline()  # every rank: ZeRO-3 gathers
+    final_pipe = trainee.whole.pipeline()  # every rank: sharded runs gather
     if final_pipe is not None:
         _finish_weights(final_pipe, config, out, frozen.dtype)
         final_pipe.save_pretrained(str(results["pipeline"]))
