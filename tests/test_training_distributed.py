@@ -187,9 +187,9 @@ EMA_LORA = [f"optim.max_steps={STEPS}", "ema.decay=0.9", "model.lora_rank=4", "o
 
 
 @pytest.fixture(scope="module")
-def ema_lora_one(deepspeed_inputs: tuple[list[str], dict[str, torch.Tensor], Path]) -> dict[str, torch.Tensor]:
-    """The 1-process reference weights of an EMA + LoRA run."""
-    common, _, base = deepspeed_inputs
+def ema_lora_one(small_inputs: tuple[list[str], Path]) -> dict[str, torch.Tensor]:
+    """The 1-process reference weights of an EMA + LoRA run (LoRA layers and pose channels trained)."""
+    common, base = small_inputs
     return _train(base.parent / "one-ema-lora", [*common, *EMA_LORA], processes=1, batch_size=4)
 
 
@@ -259,12 +259,12 @@ def test_deepspeed_zero3_trains_reference_conditioning_like_one_process(
     assert slot_embeddings and not any(torch.equal(two[k], start[k]) for k in slot_embeddings)
 
 
-def test_fsdp2_gathers_its_shards_to_validate_save_and_resume(tmp_path: Path,
-                                                             small_inputs: tuple[list[str], Path]) -> None:
+def test_fsdp2_gathers_its_shards_to_validate_save_and_resume(tmp_path: Path, small_inputs: tuple[list[str], Path],
+                                                             ema_lora_one: dict[str, torch.Tensor]) -> None:
     """FSDP2 (forced on the CPU processes, see ``CPU_FSDP_LAUNCHER``) shards every weight: the whole UNet
     with EMA trains like 1 process, validates mid-way on gathered weights, resumes bit-identically from
-    FSDP's sharded checkpoint and per-rank EMA; adapter-only runs, whose pose-channel mask is a gradient
-    hook FSDP2 bypasses, are refused before the first step."""
+    FSDP's sharded checkpoint and per-rank EMA; a LoRA run keeps the latent conv_in channels frozen (FSDP2
+    bypasses the gradient hook, so their gradient shards are zeroed before the step) and matches 1 process."""
     common, base = small_inputs
     overrides = [*common, f"optim.max_steps={STEPS}", "model.train_unet=true", "ema.decay=0.9"]
     one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
@@ -281,9 +281,11 @@ def test_fsdp2_gathers_its_shards_to_validate_save_and_resume(tmp_path: Path,
                      fsdp=True)
     assert all(torch.equal(resumed[k], two[k]) for k in two)
 
-    done = _launch(tmp_path / "adapter", [*common, "optim.max_steps=1"], processes=2, batch_size=2, fsdp=True)
-    assert done.returncode != 0 and "FSDP trains the whole UNet only" in done.stderr
-    assert not (tmp_path / "adapter" / "checkpoints").exists()
+    start = saved_weights(base)
+    lora = _train(tmp_path / "lora", [*common, *EMA_LORA], processes=2, batch_size=2, fsdp=True)
+    _assert_same_training(ema_lora_one, lora, start)
+    latent = start["unet.conv_in.weight"].shape[1] - POSE_CHANNELS
+    assert torch.equal(lora["unet.conv_in.weight"][:, :latent], start["unet.conv_in.weight"][:, :latent])
 
 
 def test_deepspeed_stops_on_a_non_finite_loss_inside_a_window(

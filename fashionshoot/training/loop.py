@@ -14,7 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +163,15 @@ def trainable_parameters(denoiser: PhotoshootDenoiser, model: ModelConfig, pose_
     return groups
 
 
+def zero_latent_channel_grads(conv_in: torch.nn.Conv2d, pose_channels: int) -> None:
+    """Zero the gradient of ``conv_in``'s non-pose input channels, as the hook of :func:`trainable_parameters`
+    does, on this rank's shard: FSDP2 assigns each rank's reduced gradient shard directly, so the hook never
+    runs. FSDP2 shards dim 0 (output channels), so every local shard holds all input channels."""
+    grad = conv_in.weight.grad
+    if grad is not None:
+        (grad.to_local() if hasattr(grad, "to_local") else grad)[:, :-pose_channels].zero_()
+
+
 def make_optimizer(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.Optimizer:
     """AdamW, or bitsandbytes' 8-bit AdamW (an optional dependency) for ``optim.optimizer="adamw8bit"``."""
     if optim.optimizer == "adamw8bit":
@@ -300,6 +309,7 @@ class Trainee:
     ema_params: list[torch.nn.Parameter]  # what EMA averages: ``params``, or sharded this rank's slices
     per_rank: dict[str, Any]  # checkpointed by every rank (EMA over sharded slices)
     whole: WholeWeights
+    before_step: Callable[[], None]  # gradient fixes between the last backward and clipping
 
 
 def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Trainee:
@@ -338,15 +348,15 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
     params = [p for group in groups for p in group["params"]]
     fsdp = sharded and accelerator.state.deepspeed_plugin is None
-    if fsdp and not config.model.train_unet:
-        raise ConfigError("FSDP trains the whole UNet only (model.train_unet=true): adapter-only and LoRA runs "
-                          "train the pose channels of conv_in through a gradient hook that FSDP2 bypasses (it "
-                          "assigns the sharded gradients directly); use DeepSpeed ZeRO-3 or DDP for them")
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
+    before_step: Callable[[], None] = lambda: None  # noqa: E731
     if fsdp:
-        # FSDP2 replaced the parameters with DTensors. All are trained (see above); in the module's order,
-        # since accelerate's clip_grad_norm_ recognises an FSDP model's parameters by comparing lists.
-        params = list(denoiser.parameters())
+        # FSDP2 replaced the parameters with DTensors: the trained ones, in the module's order (accelerate's
+        # clip_grad_norm_ recognises an FSDP model's parameters by comparing lists).
+        params = [p for p in denoiser.parameters() if p.requires_grad]
+        if not config.model.train_unet and pipe.pose_channels:
+            def before_step() -> None:
+                zero_latent_channel_grads(pipe.unet.conv_in, pipe.pose_channels)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
     ema, ema_params, per_rank = None, local_weights(params, sharded), {}
     if config.ema.decay:
@@ -359,7 +369,7 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     lora = (lambda unet: add_lora(unet, config.model)) if config.model.lora_rank else None
     whole = WholeWeights(accelerator, pipe, denoiser, add_layers=lora)
     return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema,
-                   ema_params, per_rank, whole)
+                   ema_params, per_rank, whole, before_step)
 
 
 def _finish_weights(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, out: Path, frozen_dtype: torch.dtype) -> None:
@@ -571,6 +581,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                         "DeepSpeed already holds this window's earlier gradients and cannot drop them, so the step "
                         "cannot be skipped: lower optim.lr, or train with DDP where such steps are skipped")
         if finite:
+            trainee.before_step()
             accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
             optimizer.step()
             trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
