@@ -10,6 +10,7 @@ micro-batch) so a step is always ``grad_accum`` micro-batches and resume positio
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -309,7 +310,7 @@ class Trainee:
     ema_params: list[torch.nn.Parameter]  # what EMA averages: ``params``, or sharded this rank's slices
     per_rank: dict[str, Any]  # checkpointed by every rank (EMA over sharded slices)
     whole: WholeWeights
-    before_step: Callable[[], None]  # gradient fixes between the last backward and clipping
+    before_step: Callable[[], None] | None  # a gradient fix between the last backward and clipping
 
 
 def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Trainee:
@@ -349,14 +350,13 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
     params = [p for group in groups for p in group["params"]]
     fsdp = sharded and accelerator.state.deepspeed_plugin is None
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
-    before_step: Callable[[], None] = lambda: None  # noqa: E731
+    before_step = None
     if fsdp:
         # FSDP2 replaced the parameters with DTensors: the trained ones, in the module's order (accelerate's
         # clip_grad_norm_ recognises an FSDP model's parameters by comparing lists).
         params = [p for p in denoiser.parameters() if p.requires_grad]
         if not config.model.train_unet and pipe.pose_channels:
-            def before_step() -> None:
-                zero_latent_channel_grads(pipe.unet.conv_in, pipe.pose_channels)
+            before_step = functools.partial(zero_latent_channel_grads, pipe.unet.conv_in, pipe.pose_channels)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
     ema, ema_params, per_rank = None, local_weights(params, sharded), {}
     if config.ema.decay:
@@ -581,7 +581,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                         "DeepSpeed already holds this window's earlier gradients and cannot drop them, so the step "
                         "cannot be skipped: lower optim.lr, or train with DDP where such steps are skipped")
         if finite:
-            trainee.before_step()
+            if trainee.before_step is not None:
+                trainee.before_step()
             accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
             optimizer.step()
             trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
