@@ -367,7 +367,7 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
         else:
             accelerator.register_for_checkpointing(ema)
     lora = (lambda unet: add_lora(unet, config.model)) if config.model.lora_rank else None
-    whole = WholeWeights(accelerator, pipe, denoiser, add_layers=lora)
+    whole = WholeWeights(accelerator, pipe, denoiser, sharded, add_layers=lora)
     return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema,
                    ema_params, per_rank, whole, before_step)
 
@@ -392,15 +392,17 @@ def validation_encoder(name: str, device: torch.device) -> Any:
 
 @contextlib.contextmanager
 def averaged_weights(trainee: Trainee) -> Iterator[None]:
-    """Swap the EMA weights in for the duration (a no-op without EMA), and eval mode."""
+    """Swap the EMA weights in for the duration (a no-op without EMA, and on ranks whose weights are not
+    read for validation), and eval mode."""
+    swap = trainee.ema is not None and trainee.whole.reads_this_rank
     trainee.denoiser.eval()
-    if trainee.ema is not None:
+    if swap:
         trainee.ema.store(trainee.ema_params)
         trainee.ema.copy_to(trainee.ema_params)
     try:
         yield
     finally:
-        if trainee.ema is not None:
+        if swap:
             trainee.ema.restore(trainee.ema_params)
         trainee.denoiser.train()
 
@@ -625,7 +627,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                                "main_process": accelerator.is_main_process,
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
-    if trainee.ema is not None:
+    if trainee.ema is not None and trainee.whole.reads_this_rank:
         trainee.ema.copy_to(trainee.ema_params)
     denoiser.eval()
     final_pipe = trainee.whole.pipeline()  # every rank: sharded runs gather

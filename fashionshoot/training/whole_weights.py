@@ -79,15 +79,22 @@ class WholeWeights:
     """The trained pipeline with whole weights, on the main process.
 
     ``pipe`` and ``denoiser`` are the training pipeline and the prepared (wrapped) denoiser made of its
-    UNet and garment adapter; ``add_layers`` adds to a fresh UNet what the run added to the trained one
-    (LoRA layers), so the gathered state dict fits it.
+    UNet and garment adapter; ``sharded`` is :func:`shards_parameters`; ``add_layers`` adds to a fresh UNet
+    what the run added to the trained one (LoRA layers), so the gathered state dict fits it.
     """
 
-    def __init__(self, accelerator: Any, pipe: PhotoshootPipeline, denoiser: Any,
+    def __init__(self, accelerator: Any, pipe: PhotoshootPipeline, denoiser: Any, sharded: bool,
                  add_layers: Callable[[Any], None] | None = None) -> None:
         self.accelerator, self.pipe, self.denoiser, self.add_layers = accelerator, pipe, denoiser, add_layers
-        self.sharded = shards_parameters(accelerator)
+        self.sharded = sharded
         self._copy: PhotoshootPipeline | None = None
+        self._copy_denoiser: PhotoshootDenoiser | None = None
+
+    @property
+    def reads_this_rank(self) -> bool:
+        """Whether :meth:`pipeline` reads this rank's weights (every rank's when sharded, else the main's):
+        only then must EMA weights be swapped in here first."""
+        return self.sharded or self.accelerator.is_main_process
 
     def pipeline(self) -> PhotoshootPipeline | None:
         """The pipeline to validate and save on the main process (``None`` elsewhere). Call on every rank:
@@ -97,11 +104,12 @@ class WholeWeights:
         state = self.accelerator.get_state_dict(self.denoiser)  # collective; the whole state on rank 0 only
         if not self.accelerator.is_main_process:
             return None
-        copy = self._copy or self._build_copy()
-        PhotoshootDenoiser(copy.unet, copy.garment_adapter).load_state_dict(state)
-        return copy
+        if self._copy is None:
+            self._build_copy()
+        self._copy_denoiser.load_state_dict(state)
+        return self._copy
 
-    def _build_copy(self) -> PhotoshootPipeline:
+    def _build_copy(self) -> None:
         unet, adapter = self.pipe.unet, self.pipe.garment_adapter
         with whole_models(self.accelerator):
             fresh_unet = type(unet).from_config(unet.config).eval()
@@ -110,4 +118,4 @@ class WholeWeights:
             self.add_layers(fresh_unet)
         components = {**self.pipe.components, "unet": fresh_unet, "garment_adapter": fresh_adapter}
         self._copy = PhotoshootPipeline(**components).to(self.accelerator.device)
-        return self._copy
+        self._copy_denoiser = PhotoshootDenoiser(fresh_unet, fresh_adapter)  # the state dict's key layout
