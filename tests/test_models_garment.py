@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,19 @@ def test_token_padding_and_guidance_branches_change_nothing(unet, inputs):
     branches = _run(unet, stacked, {"garment": cond.for_branches([True, False])})
     assert torch.allclose(branches[:2], out, atol=1e-6)
     assert torch.allclose(branches[2:], _run(unet, inputs), atol=1e-6)
+
+
+def test_garment_controls_can_be_rebuilt_as_fsdp_rebuilds_block_inputs(unet, inputs):
+    """FSDP2's mixed precision rebuilds every dataclass in a wrapped block's inputs with
+    ``dataclasses.replace`` to cast its tensors; the rebuilt conditioning gives the same garment term."""
+    install_garment_attention(unet)
+    adapter = _randomize(GarmentAdapter.from_unet(unet, image_embed_dim=DIM))
+    mask = inputs["mask"].clone()
+    mask[0] = False  # a sample without garments: its mask and scale are derived, not passed
+    cond = adapter(mask, inputs["features"])["garment"]
+    rebuilt = dataclasses.replace(cond, keys={k: v.clone() for k, v in cond.keys.items()})
+    assert torch.equal(rebuilt.mask, cond.mask) and torch.equal(rebuilt.row_scale, cond.row_scale)
+    assert torch.equal(_run(unet, inputs, {"garment": rebuilt}), _run(unet, inputs, {"garment": cond}))
 
 
 def test_slot_identity_matters(unet, inputs):

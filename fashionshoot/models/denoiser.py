@@ -31,6 +31,12 @@ class PhotoshootDenoiser(nn.Module):
         self.garment_adapter = garment_adapter
         install_garment_attention(unet)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The UNet's blocks: accelerate's FSDP ``TRANSFORMER_BASED_WRAP`` shards these as units of their own
+        when no layer classes are named (it reads this attribute of the prepared module)."""
+        return list(self.unet._no_split_modules or [])
+
     def forward(
         self,
         noisy_latents: torch.Tensor,

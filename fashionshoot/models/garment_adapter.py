@@ -18,7 +18,8 @@ Which paths exist is config (``conditioning``): ``"cross_attention"``, ``"refere
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -59,21 +60,30 @@ TOKEN_MULTIPLE = 16
 class GarmentConditioning:
     """Per-layer garment keys/values ``(batch, tokens, inner)`` and which tokens are real ``(batch, tokens)``.
 
-    The attention mask and the per-sample scale are derived once here, not in every layer: a sample
-    with no garment attends to all tokens (softmax over nothing is NaN) and its values are scaled to
-    zero, so "no garment" means "no garment term"."""
+    The attention mask and the per-sample scale are derived once per object, not in every layer: a
+    sample with no garment attends to all tokens (softmax over nothing is NaN) and its values are
+    scaled to zero, so "no garment" means "no garment term". They are cached properties, not fields:
+    FSDP2's mixed precision rebuilds every dataclass in a wrapped block's inputs with
+    ``dataclasses.replace`` (to cast its tensors), which refuses fields that ``__init__`` does not take."""
 
     keys: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
     valid: torch.Tensor
     scale: float = 1.0
-    mask: torch.Tensor = field(init=False)
-    row_scale: torch.Tensor = field(init=False)
 
-    def __post_init__(self) -> None:  # tensor ops only: no host sync on a GPU
-        has_garment = self.valid.any(dim=-1)
-        self.mask = additive_mask(self.valid | ~has_garment[:, None])
-        self.row_scale = self.scale * has_garment[:, None, None].float()
+    @cached_property
+    def _has_garment(self) -> torch.Tensor:  # tensor ops only: no host sync on a GPU
+        return self.valid.any(dim=-1)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """Additive ``(batch, 1, 1, tokens)`` mask; a sample with no garment keeps every token."""
+        return additive_mask(self.valid | ~self._has_garment[:, None])
+
+    @cached_property
+    def row_scale(self) -> torch.Tensor:
+        """``(batch, 1, 1)``: ``scale`` for samples with a garment, 0 for those without."""
+        return self.scale * self._has_garment[:, None, None].float()
 
     def for_branches(self, keep: Sequence[bool]) -> GarmentConditioning:
         """Tile for stacked guidance branches; a ``False`` branch has no garment."""

@@ -12,7 +12,7 @@ empty slots masked out.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,11 +28,14 @@ if TYPE_CHECKING:
 REFERENCE_KEY = "reference"
 
 
-@dataclass
 class ReferenceWrite:
-    """Control for the write pass: collects ``layer -> (garments, tokens, channels)``."""
+    """Control for the write pass: collects ``layer -> (garments, tokens, channels)``.
 
-    states: dict[str, torch.Tensor] = field(default_factory=dict)
+    A plain class on purpose: FSDP2's mixed precision rebuilds the dataclasses and dicts in a wrapped
+    block's inputs to cast their tensors, so states written into such a copy would be lost."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, torch.Tensor] = {}
 
 
 @dataclass

@@ -355,6 +355,7 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
         # FSDP2 replaced the parameters with DTensors: the trained ones, in the module's order (accelerate's
         # clip_grad_norm_ recognises an FSDP model's parameters by comparing lists).
         params = [p for p in denoiser.parameters() if p.requires_grad]
+        check_fsdp_units(denoiser, pipe.garment_adapter.uses_reference)
         if not config.model.train_unet and pipe.pose_channels:
             before_step = functools.partial(zero_latent_channel_grads, pipe.unet.conv_in, pipe.pose_channels)
     accelerator.register_for_checkpointing(lr_scheduler)  # stepped by us: one step per optimizer step
@@ -457,6 +458,25 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
             f"accelerate's FSDP plugin version {fsdp_version} is not supported by the photoshoot trainer (FSDP1 "
             "flattens the parameters into views its EMA and saving do not follow); launch with --fsdp_version 2, "
             "DeepSpeed ZeRO-3 (--use_deepspeed --zero_stage 3), or DDP (multi_gpu)")
+
+
+def check_fsdp_units(denoiser: torch.nn.Module, uses_reference: bool) -> None:
+    """Refuse reference conditioning when FSDP2 shards blocks of the UNet as units of their own.
+
+    FSDP2 gathers a unit's weights for the backward when gradients reach the unit's outputs. The
+    reference write pass is read inside the self-attention layers, so its gradients enter the blocks
+    below their outputs, and the backward meets freed weights ("data is not allocated yet"). One unit
+    for the whole denoiser (no auto-wrap) works, as does DeepSpeed ZeRO-3.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [name for name, module in denoiser.named_modules() if name and isinstance(module, FSDPModule)]
+    if uses_reference and units:
+        raise ConfigError(
+            f"reference conditioning cannot train with FSDP2 sharding blocks as their own units ({len(units)}, "
+            f"e.g. {units[0]}): its gradients enter the blocks inside their self-attention, where FSDP2 has not "
+            "gathered their weights. Set fsdp_auto_wrap_policy NO_WRAP (one unit for the whole denoiser), or use "
+            "DeepSpeed ZeRO-3")
 
 
 def check_process_count(launched: int, joined: int) -> None:
