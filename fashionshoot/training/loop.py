@@ -632,8 +632,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep, trainee.per_rank)
         every = config.validation.every
         if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
-            with averaged_weights(trainee):
-                current = trainee.whole.pipeline()  # every rank: sharded runs gather
+            with averaged_weights(trainee), trainee.whole.pipeline() as current:  # every rank: sharded runs gather
                 if current is not None:
                     metrics = run_validation(current, config, test_records, root, out, state.step, encoder).metrics
                     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
@@ -650,18 +649,18 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     if trainee.ema is not None and trainee.whole.reads_this_rank:
         trainee.ema.copy_to(trainee.ema_params)
     denoiser.eval()
-    final_pipe = trainee.whole.pipeline()  # every rank: sharded runs gather
-    if final_pipe is not None:
-        _finish_weights(final_pipe, config, out, frozen.dtype)
-        final_pipe.save_pretrained(str(results["pipeline"]))
-        final = run_validation(final_pipe, config, test_records, root, out, state.step, encoder)
-        final.grid(config.validation.grid_rows).save(results["grid"])
-        results["validation"] = final.metrics
-        accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)
-        logged = [json.loads(line) for line in (out / VALIDATION_DIR / "metrics.jsonl").read_text().splitlines()]
-        rows = sorted({row["step"]: row for row in logged}.values(), key=lambda row: row["step"])  # reruns: last wins
-        (out / "metrics.json").write_text(json.dumps(final.metrics, indent=1) + "\n")
-        results["metrics"].write_text(metrics_table(rows))
+    with trainee.whole.pipeline() as final_pipe:  # every rank: sharded runs gather
+        if final_pipe is not None:
+            _finish_weights(final_pipe, config, out, frozen.dtype)
+            final_pipe.save_pretrained(str(results["pipeline"]))
+            final = run_validation(final_pipe, config, test_records, root, out, state.step, encoder)
+            final.grid(config.validation.grid_rows).save(results["grid"])
+            results["validation"] = final.metrics
+            accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)
+            logged = [json.loads(line) for line in (out / VALIDATION_DIR / "metrics.jsonl").read_text().splitlines()]
+            rows = sorted({row["step"]: row for row in logged}.values(), key=lambda row: row["step"])  # reruns: last wins
+            (out / "metrics.json").write_text(json.dumps(final.metrics, indent=1) + "\n")
+            results["metrics"].write_text(metrics_table(rows))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after it
     _forget_accelerate_state(keep_processes=False)
