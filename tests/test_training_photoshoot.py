@@ -190,11 +190,23 @@ def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
     for stage in (0, 1, 2, 3):
         check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": stage},
                                                           "bf16": {"enabled": False}})
-    with pytest.raises(ConfigError, match="DeepSpeed bf16.*half precision.*DDP"):
-        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    with pytest.raises(ConfigError, match="DeepSpeed fp16.*half precision.*bf16"):
+        check_distributed_type(DistributedType.DEEPSPEED, {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}})
     check_distributed_type(DistributedType.FSDP, fsdp_version=2)
     with pytest.raises(ConfigError, match="FSDP plugin version 1 .*--fsdp_version 2.*ZeRO-3.*DDP"):
         check_distributed_type(DistributedType.FSDP, fsdp_version=1)
+
+
+def test_a_run_in_another_precision_than_the_config_is_refused() -> None:
+    from fashionshoot.training.loop import check_mixed_precision
+
+    assert check_mixed_precision("bf16", "bf16", "bf16") is None
+    assert check_mixed_precision("no", "no", None) is None
+    with pytest.raises(ConfigError, match="mixed_precision='bf16' but accelerate runs 'no'.*DeepSpeed.*auto"):
+        check_mixed_precision("bf16", "no", "bf16")  # a DeepSpeed config file with "bf16": {"enabled": false}
+    note = check_mixed_precision("no", "no", "bf16")
+    assert note is not None and "mixed_precision=bf16" in note
 
 
 def test_a_launch_whose_processes_did_not_join_is_refused() -> None:

@@ -320,7 +320,7 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
 
     with whole_models(accelerator):
         pipe = load_photoshoot_pipeline(base)
-    dtype = _DTYPES[accelerator.mixed_precision]
+    dtype = _DTYPES[accelerator.mixed_precision]  # before deepspeed_bf16_as_autocast turns DeepSpeed's to "no"
     for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
         module.requires_grad_(False).eval().to(accelerator.device)
         if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
@@ -345,6 +345,8 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
             gradient_clipping=config.optim.max_grad_norm)
         if sharded:
             configure_zero3(accelerator.state.deepspeed_plugin.deepspeed_config)
+        if deepspeed_bf16_as_autocast(accelerator.state.deepspeed_plugin.deepspeed_config):
+            accelerator.print("DeepSpeed bf16 runs as DeepSpeed's torch_autocast: fp32 weights, bf16 compute")
     # The module's own parameters, taken before prepare: DeepSpeed's ZeRO optimizer swaps its param groups
     # for flat fp32 partitions (a rank's shard of the optimizer state), which EMA must not average.
     params = [p for group in groups for p in group["params"]]
@@ -441,23 +443,54 @@ def check_distributed_type(distributed_type: Any, deepspeed_config: Mapping[str,
     :func:`_backward` makes DeepSpeed step once per window. ZeRO-3 and FSDP2 also shard the parameters: EMA
     averages each rank's slices, validation and saving gather them (:mod:`fashionshoot.training.whole_weights`).
     FSDP1 flattens parameters into views that the loop's parameter lists, EMA and gathering do not follow
-    (a forced CPU trial saved flat views). DeepSpeed's bf16/fp16 modes cast the trained weights themselves
-    (accelerate hands mixed precision to them), so the saved pipeline and EMA would be half precision:
-    untested, refused.
+    (a forced CPU trial saved flat views). DeepSpeed bf16 runs as DeepSpeed's torch autocast
+    (:func:`deepspeed_bf16_as_autocast`); its fp16 mode would cast the trained weights, the EMA and the
+    saved pipeline to half precision and scale the loss: untested, refused.
     """
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
-    if name == "DEEPSPEED":
-        ds = deepspeed_config or {}
-        half = [dtype for dtype in ("bf16", "fp16") if str(ds.get(dtype, {}).get("enabled", False)).lower() == "true"]
-        if half:
-            raise ConfigError(f"DeepSpeed {half[0]} is not supported by the photoshoot trainer yet (DeepSpeed would "
-                              "cast the trained weights, the EMA and the saved pipeline to half precision); use "
-                              "mixed_precision 'no' with DeepSpeed, or DDP (multi_gpu) with mixed_precision bf16")
+    if name == "DEEPSPEED" and str((deepspeed_config or {}).get("fp16", {}).get("enabled", False)).lower() == "true":
+        raise ConfigError("DeepSpeed fp16 is not supported by the photoshoot trainer (DeepSpeed would cast the "
+                          "trained weights, the EMA and the saved pipeline to half precision); use mixed_precision "
+                          "bf16 with DeepSpeed, or DDP (multi_gpu) with fp16")
     if name == "FSDP" and fsdp_version != 2:
         raise ConfigError(
             f"accelerate's FSDP plugin version {fsdp_version} is not supported by the photoshoot trainer (FSDP1 "
             "flattens the parameters into views its EMA and saving do not follow); launch with --fsdp_version 2, "
             "DeepSpeed ZeRO-3 (--use_deepspeed --zero_stage 3), or DDP (multi_gpu)")
+
+
+def check_mixed_precision(asked: str, running: str, launched: str | None) -> str | None:
+    """Refuse a run whose precision is not the config's; a note when the launcher asked for another.
+
+    ``asked`` is ``config.mixed_precision``; ``running`` what accelerate runs, which under DeepSpeed its
+    config file's ``bf16``/``fp16`` sections decide (an explicit ``false`` there would silently train a
+    bf16 config in fp32); ``launched`` is ``accelerate launch --mixed_precision``, which the config overrides.
+    """
+    if running != asked:
+        raise ConfigError(f"the config asks for mixed_precision={asked!r} but accelerate runs {running!r}: under "
+                          "DeepSpeed the config file's bf16/fp16 sections decide; set their \"enabled\" to \"auto\"")
+    if launched and launched != asked:
+        return (f"accelerate launch asked for mixed precision {launched!r}; the run uses the config's "
+                f"mixed_precision={asked!r} (pass mixed_precision={launched} to train in it)")
+    return None
+
+
+def deepspeed_bf16_as_autocast(deepspeed_config: dict[str, Any]) -> bool:
+    """Run a DeepSpeed config's bf16 as DeepSpeed's ``torch_autocast``; whether it was bf16.
+
+    ``mixed_precision: bf16`` means the same under every backend of this trainer: fp32 weights, optimizer
+    and EMA, the forward under ``torch.autocast(bfloat16)``, a float32 saved pipeline. accelerate hands bf16
+    to DeepSpeed as its ``bf16`` mode, which trains bf16 weights (with fp32 copies inside the optimizer),
+    so the EMA and the saved weights would be bf16; DeepSpeed's ``torch_autocast`` section keeps the fp32
+    weights and also communicates the linear/conv gradients in bf16. Other ``torch_autocast`` settings of
+    the config (e.g. ``lower_precision_safe_modules``) are kept.
+    """
+    bf16 = deepspeed_config.get("bf16", {})
+    if str(bf16.get("enabled", False)).lower() != "true":
+        return False
+    bf16["enabled"] = False  # accelerator.mixed_precision follows this section under DeepSpeed: read it before
+    deepspeed_config.setdefault("torch_autocast", {}).update(enabled=True, dtype="bfloat16")
+    return True
 
 
 def check_fsdp_units(denoiser: torch.nn.Module, uses_reference: bool) -> None:
@@ -534,6 +567,10 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     accelerator = Accelerator(cpu=config.cpu, mixed_precision=config.mixed_precision,
                               log_with=_tracker(config.log_with), project_dir=str(out), kwargs_handlers=handlers)
+    note = check_mixed_precision(config.mixed_precision, accelerator.mixed_precision,
+                                 os.environ.get("ACCELERATE_MIXED_PRECISION"))
+    if note:
+        accelerator.print(note)
     plugin = accelerator.state.deepspeed_plugin
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)  # set only under FSDP
     check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None,
