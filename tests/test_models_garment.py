@@ -154,6 +154,17 @@ def test_adapter_round_trips_through_save_and_load(unet, inputs, conditioning, t
     assert torch.equal(_run(unet, inputs, loaded(inputs["mask"], inputs["features"], bank)), out)
 
 
+def test_projector_pools_only_the_present_slots_to_the_same_tokens():
+    projector = GarmentProjector(DIM, 16, num_tokens=3, num_heads=2, num_slots=SLOTS)
+    features = torch.randn(2, SLOTS, TOKENS, DIM)
+    mask = torch.tensor([[True, False, True, False, False, False], [False] * SLOTS])
+    every_slot, present_only = projector(features), projector(features, mask)
+    per_slot = mask.repeat_interleave(3, dim=1)
+    assert torch.allclose(present_only[per_slot], every_slot[per_slot], atol=1e-6)
+    slot_embedding = projector.slot_embedding.weight.repeat_interleave(3, dim=0).expand(2, -1, -1)
+    assert torch.equal(present_only[~per_slot], slot_embedding[~per_slot])
+
+
 def test_projector_round_trips(tmp_path):
     projector = GarmentProjector(DIM, 16, num_tokens=3, num_heads=2, num_slots=SLOTS)
     features = torch.randn(2, SLOTS, TOKENS, DIM)

@@ -37,7 +37,7 @@ def scatter_slots(features: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tens
 class GarmentProjector(ModelMixin, ConfigMixin):
     """Per-slot attention pooling of image-encoder tokens into garment tokens, plus slot embeddings.
 
-    ``forward(features)`` maps ``(B, S, L, image_embed_dim)`` to ``(B, S * num_tokens, token_dim)``,
+    ``forward(features, slot_mask)`` maps ``(B, S, L, image_embed_dim)`` to ``(B, S * num_tokens, token_dim)``,
     slot-major, so token ``s * num_tokens + j`` belongs to slot ``s``.
     """
 
@@ -51,11 +51,15 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(token_dim)
         self.slot_embedding = nn.Embedding(num_slots, token_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, slot_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``slot_mask`` ``(B, S)``: pool only these slots; the others' tokens are just their slot embedding
+        (callers mask them out). An outfit fills a few of the slots, a single garment one of six, so
+        pooling every slot did up to six times the work."""
         batch, slots, length, _ = features.shape
-        tokens = self.proj_in(features.reshape(batch * slots, length, -1))
-        queries = self.queries.expand(batch * slots, -1, -1)
-        pooled, _ = self.pool(queries, tokens, tokens, need_weights=False)
-        pooled = self.norm(pooled).view(batch, slots, self.config.num_tokens, -1)
+        present = features.reshape(batch * slots, length, -1) if slot_mask is None else features[slot_mask]
+        tokens = self.proj_in(present)
+        pooled, _ = self.pool(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
+        pooled = self.norm(pooled)
+        pooled = pooled.view(batch, slots, *pooled.shape[1:]) if slot_mask is None else scatter_slots(pooled, slot_mask)
         pooled = pooled + self.slot_embedding.weight[:slots, None, :]
         return pooled.reshape(batch, slots * self.config.num_tokens, -1)
