@@ -98,20 +98,16 @@ class TrainStep:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
-        from fashionshoot.models.denoiser import PhotoshootDenoiser
-        from fashionshoot.training.loop import Frozen, make_optimizer, trainable_parameters
+        from fashionshoot.training.loop import make_optimizer, trainable_denoiser
 
         self.config, self.device, self.dtype = config, device, dtype
         self.batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        else:
+        self.frozen, denoiser, groups = trainable_denoiser(pipe, config.model, config.optim, device, dtype)
+        if not checkpointing:  # the pipeline is reused across rows
             pipe.unet.disable_gradient_checkpointing()
-        for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-            module.requires_grad_(False).eval().to(device, dtype)
-        self.frozen = Frozen(pipe, device, dtype)
-        self.denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).to(device).train()
-        groups = trainable_parameters(self.denoiser, config.model, pipe.pose_channels, config.optim.weight_decay)
+        elif not config.model.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        self.denoiser = denoiser.train()
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config.optim)
         self.ema = EMAModel(self.params, decay=config.ema.decay) if config.ema.decay else None

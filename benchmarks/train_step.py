@@ -107,20 +107,16 @@ class Ours:
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
-        from fashionshoot.models.denoiser import PhotoshootDenoiser
         from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
-        from fashionshoot.training.loop import Frozen, make_optimizer, trainable_parameters
+        from fashionshoot.training.loop import make_optimizer, trainable_denoiser
 
         pipe = load_photoshoot_pipeline(base)
         self.base = base
-        for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-            module.requires_grad_(False).eval()
         assert not pipe.garment_adapter.uses_reference, "benchmark covers conditioning=cross_attention"
         self.config, self.batch, self.pipe = config, batch, pipe
-        self.frozen = Frozen(pipe, torch.device("cpu"), torch.float32)
-        self.denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).train()
-        groups = trainable_parameters(self.denoiser, config.model, pipe.vae.config.latent_channels,
-                                      config.optim.weight_decay)
+        self.frozen, denoiser, groups = trainable_denoiser(pipe, config.model, config.optim, torch.device("cpu"),
+                                                           torch.float32)
+        self.denoiser = denoiser.train()
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config.optim)
         self.lr_scheduler = get_scheduler(config.optim.lr_scheduler, self.optimizer,

@@ -313,6 +313,24 @@ class Trainee:
     before_step: Callable[[], None] | None  # a gradient fix between the last backward and clipping
 
 
+def trainable_denoiser(pipe: PhotoshootPipeline, model: ModelConfig, optim: OptimConfig, device: torch.device,
+                       dtype: torch.dtype) -> tuple[Frozen, PhotoshootDenoiser, list[dict[str, Any]]]:
+    """The part of a run's setup that does not depend on how it is distributed (the benchmarks time steps
+    built by it too): the encoders frozen on ``device`` in ``dtype``, LoRA and gradient checkpointing as
+    ``model`` asks, and the denoiser (UNet + garment adapter) with its trainable parameter groups."""
+    for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
+        module.requires_grad_(False).eval().to(device)
+        if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
+            module.to(dtype)
+    if model.lora_rank:
+        add_lora(pipe.unet, model)
+    if model.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).to(device)
+    groups = trainable_parameters(denoiser, model, pipe.pose_channels, optim.weight_decay)
+    return Frozen(pipe, device, dtype), denoiser, groups
+
+
 def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Trainee:
     """Load the pipeline, add LoRA if asked, wrap the trained parts, and prepare them with accelerate."""
     from diffusers.optimization import get_scheduler
@@ -320,19 +338,10 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
 
     with whole_models(accelerator):
         pipe = load_photoshoot_pipeline(base)
-    dtype = _DTYPES[accelerator.mixed_precision]  # before deepspeed_bf16_as_autocast turns DeepSpeed's to "no"
-    for module in (pipe.vae, pipe.text_encoder, pipe.image_encoder):
-        module.requires_grad_(False).eval().to(accelerator.device)
-        if dtype != torch.float32:  # diffusers warns on every .to(dtype), even a no-op one
-            module.to(dtype)
     if config.model.prediction_type:  # saved with the pipeline, so sampling uses the trained parameterisation
         pipe.scheduler.register_to_config(prediction_type=config.model.prediction_type)
-    if config.model.lora_rank:
-        add_lora(pipe.unet, config.model)
-    if config.model.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    denoiser = PhotoshootDenoiser(pipe.unet, pipe.garment_adapter).to(accelerator.device)
-    groups = trainable_parameters(denoiser, config.model, pipe.pose_channels, config.optim.weight_decay)
+    dtype = _DTYPES[accelerator.mixed_precision]  # before deepspeed_bf16_as_autocast turns DeepSpeed's to "no"
+    frozen, denoiser, groups = trainable_denoiser(pipe, config.model, config.optim, accelerator.device, dtype)
     optimizer = make_optimizer(groups, config.optim)
     lr_scheduler = get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
                                  num_training_steps=config.optim.max_steps)
@@ -371,8 +380,8 @@ def _build(config: PhotoshootTrainConfig, base: Path, accelerator: Any) -> Train
             accelerator.register_for_checkpointing(ema)
     lora = (lambda unet: add_lora(unet, config.model)) if config.model.lora_rank else None
     whole = WholeWeights(accelerator, pipe, denoiser, sharded, add_layers=lora)
-    return Trainee(pipe, Frozen(pipe, accelerator.device, dtype), denoiser, params, optimizer, lr_scheduler, ema,
-                   ema_params, per_rank, whole, before_step)
+    return Trainee(pipe, frozen, denoiser, params, optimizer, lr_scheduler, ema, ema_params, per_rank, whole,
+                   before_step)
 
 
 def _finish_weights(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, out: Path, frozen_dtype: torch.dtype) -> None:
