@@ -270,8 +270,8 @@ def test_fsdp2_gathers_its_shards_to_validate_save_and_resume(tmp_path: Path, sm
     """FSDP2 (forced on the CPU processes, see ``CPU_FSDP_LAUNCHER``) shards every weight: the whole UNet
     with EMA, its blocks sharded as units of their own, trains like 1 process, validates mid-way on gathered
     weights, resumes bit-identically from FSDP's sharded checkpoint and per-rank EMA; a LoRA run (the
-    denoiser as one unit) keeps the latent conv_in channels frozen (FSDP2
-    bypasses the gradient hook, so their gradient shards are zeroed before the step) and matches 1 process."""
+    denoiser as one unit) keeps the latent conv_in channels frozen (FSDP2 bypasses the gradient hook, so
+    their gradient shards are zeroed before the step) and matches 1 process."""
     common, base = small_inputs
     overrides = [*common, f"optim.max_steps={STEPS}", "model.train_unet=true", "ema.decay=0.9"]
     one = _train(tmp_path / "one", overrides, processes=1, batch_size=4)
@@ -330,10 +330,11 @@ def test_deepspeed_bf16_trains_float32_weights_under_autocast(
 
 def test_fsdp2_in_bf16_shards_the_unet_blocks_as_units(tmp_path: Path, small_inputs: tuple[list[str], Path],
                                                       bf16_one: tuple[list[str], dict[str, torch.Tensor]]) -> None:
-    """FSDP2 with bf16 mixed precision and accelerate's transformer-based auto-wrap (the denoiser names the UNet's
-    blocks) trains the whole UNet with gradient checkpointing like 1 process in bf16 and saves float32 weights. The garment controls reach
-    every wrapped block through FSDP2's input casting (it rebuilt ``GarmentConditioning`` and failed). Reference
-    conditioning with blocks as units is refused with the fix; with the denoiser as one unit it trains."""
+    """FSDP2 with bf16 mixed precision and accelerate's transformer-based auto-wrap (the denoiser names the
+    UNet's blocks) trains the whole UNet with gradient checkpointing like 1 process in bf16 and saves float32
+    weights. The garment controls reach every wrapped block through FSDP2's input casting (it rebuilt
+    ``GarmentConditioning`` and failed). Reference conditioning with blocks as units is refused with the fix;
+    with the denoiser as one unit it trains."""
     from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
 
     bf16, one = bf16_one
