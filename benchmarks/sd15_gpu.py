@@ -21,7 +21,15 @@ train     one optimizer step as the loop runs it with that config: ``training_lo
 generate  one ``PhotoshootPipeline`` call: one garment, pose and prompt, DDIM with ``--steps`` steps, text and
           garment guidance (three UNet branches per step), bf16 weights; median wall time of ``--repeats``.
 
+``--cpu-memory`` estimates the peak-memory figure without a GPU (the first batch size, gradient checkpointing):
+the forward and backward of the same step run on the CPU under bf16 autocast inside torch's ``MemTracker``,
+which counts every live tensor; the AdamW state and the EMA copy, which the step holds from its first
+optimizer step on, are added from the trained parameter count (8 and 4 bytes each). Not in the estimate:
+the optimizer step's temporaries (CUDA's foreach AdamW: up to the size of the trained weights), the CUDA
+context and kernel workspaces, allocator fragmentation.
+
     python benchmarks/sd15_gpu.py [--batch-sizes 4 16] [--repeats 5] [--peak-tflops 989]
+    python benchmarks/sd15_gpu.py --cpu-memory [--batch-sizes 4]   # about 3 minutes and 9 GB of RAM on 2 cores
     python benchmarks/sd15_gpu.py --tiny   # the test-size models on CPU at 64x48: checks the script itself
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -174,6 +183,34 @@ def step_flops(step: TrainStep) -> int:
     return counter.get_total_flops()
 
 
+def cpu_memory_estimate(pipe: Any, config: Any, batch: dict[str, Any]) -> None:
+    """Print the forward+backward peak measured on the CPU, plus the optimizer and EMA state (see ``--cpu-memory``)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class FrozenAwareTracker(MemTracker):
+        """MemTracker hooks the gradients of every module it sees run, which fails on frozen encoders."""
+
+        def _track_module_params_and_buffers(self, module: torch.nn.Module, install_grad_hooks: bool = True) -> int:
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    no_ema = dataclasses.replace(config, ema=dataclasses.replace(config.ema, decay=0.0))  # counted, not held
+    step = TrainStep(pipe, no_ema, batch, torch.device("cpu"), torch.bfloat16, checkpointing=True)
+    trained = sum(p.numel() for p in step.params)
+    tracker = FrozenAwareTracker()
+    with tracker:
+        step.loss().backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    gib = {str(kind.value if hasattr(kind, "value") else kind): value / 2**30 for kind, value in peak.items()}
+    optimizer, ema = 8 * trained / 2**30, (4 * trained / 2**30 if config.ema.decay else 0.0)
+    print(f"\nmemory estimate on CPU (no GPU): batch {len(batch['weight'])}, {tuple(batch['lookbook'].shape[-2:])}, bf16 "
+          f"autocast, gradient checkpointing, {trained / 1e6:.1f}M trained parameters")
+    print(f"  forward+backward peak (MemTracker): {gib['Total']:.3g} GiB (weights {gib['Parameter']:.3g}, "
+          f"gradients + activations + temporaries {gib['Total'] - gib['Parameter']:.3g})")
+    print(f"  + AdamW state {optimizer:.3g} GiB + EMA {ema:.3g} GiB = {gib['Total'] + optimizer + ema:.3g} GiB; not "
+          f"included: the optimizer step's temporaries (foreach AdamW on CUDA: up to {4 * trained / 2**30:.3g} GiB), "
+          "the CUDA context and workspaces")
+
+
 def generation_inputs(config: Any, size: tuple[int, int]) -> dict[str, Any]:
     """One synthetic garment, its lookbook's pose scaled to the output size, and a caption."""
     from fashionshoot.data.synthetic import SyntheticFashion
@@ -195,13 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="generation steps")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
+    parser.add_argument("--cpu-memory", action="store_true", help="estimate the peak memory on the CPU instead")
     args = parser.parse_args(argv)
 
     from fashionshoot.config import config_from_argv
     from fashionshoot.pipelines.assemble import assemble_photoshoot_pipeline
     from fashionshoot.training import PhotoshootTrainConfig
 
-    device = torch.device("cpu" if args.tiny else "cuda")
+    device = torch.device("cpu" if args.tiny or args.cpu_memory else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     size = (64, 48) if args.tiny else (512, 384)
     config = config_from_argv(PhotoshootTrainConfig, [f"data.resolution=[{size[0]}, {size[1]}]"],
@@ -214,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
               f" UNet {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.0f}M parameters, adapter "
               f"{sum(p.numel() for p in pipe.garment_adapter.parameters()) / 1e6:.1f}M; device {device}"
               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+    if args.cpu_memory:
+        cpu_memory_estimate(pipe, config, synthetic_batch(config, pipe, args.batch_sizes[0])[0])
+        return
 
     print(f"\ntrain: {size[0]}x{size[1]}, {dtype}, full UNet + adapter, AdamW, EMA {config.ema.decay}, "
           f"min-SNR {config.loss.snr_gamma}")

@@ -26,3 +26,14 @@ def test_sd15_gpu_benchmark_runs_at_test_size() -> None:
     assert [row[1] for row in rows] == ["off", "on"]  # batch 2 without and with gradient checkpointing
     assert all(float(row[2]) > 0 and float(row[5]) > 0 for row in rows)  # ms/step, TFLOP/step
     assert "generate: 64x48, 2 DDIM steps" in done.stdout
+
+
+def test_sd15_cpu_memory_estimate_runs_at_test_size() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "sd15_gpu.py"), "--tiny", "--cpu-memory", "--batch-sizes", "2"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peak = next(line for line in done.stdout.splitlines() if "forward+backward peak (MemTracker)" in line)
+    assert float(peak.split(":")[1].split()[0]) > 0
+    assert "+ AdamW state" in done.stdout
