@@ -12,7 +12,8 @@ ours   what ``fashionshoot.training.loop.run`` does per optimizer step (grad_acc
        text and garment-image encoders, pose maps, garment adapter + UNet through
        ``PhotoshootDenoiser``), the finite-loss check, backward, grad clipping, AdamW step, LR
        schedule step, ``zero_grad``. Model: ``save_tiny_photoshoot_pipeline(conditioning=
-       "cross_attention", randomize_zero_init=False)``; frozen encoders, denoiser and trainable groups from ``trainable_denoiser`` (as the loop builds them).
+       "cross_attention", randomize_zero_init=False)``; frozen encoders, denoiser and trainable groups
+       from ``trainable_denoiser``, as the loop builds them.
 bare   the textbook diffusers step (``examples/text_to_image/train_text_to_image.py``) at the same size:
        tokenize + CLIP-text-encode the same prompts, VAE-encode the same lookbook pixels,
        ``latent_dist.sample()``, DDPM ``add_noise`` with global-RNG noise and timesteps, a plain
