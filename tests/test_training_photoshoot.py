@@ -198,6 +198,17 @@ def test_unsupported_distributed_modes_are_refused_with_the_reason() -> None:
         check_distributed_type(DistributedType.FSDP, fsdp_version=1)
 
 
+def test_deepspeed_bf16_becomes_deepspeed_torch_autocast() -> None:
+    from fashionshoot.training.loop import deepspeed_bf16_as_autocast
+
+    fp32 = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+    assert not deepspeed_bf16_as_autocast(fp32) and "torch_autocast" not in fp32
+    ds = {"bf16": {"enabled": True}, "torch_autocast": {"lower_precision_safe_modules": ["torch.nn.Linear"]}}
+    assert deepspeed_bf16_as_autocast(ds)
+    assert ds == {"bf16": {"enabled": False}, "torch_autocast": {
+        "enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": ["torch.nn.Linear"]}}
+
+
 def test_a_run_in_another_precision_than_the_config_is_refused() -> None:
     from fashionshoot.training.loop import check_mixed_precision
 
