@@ -112,10 +112,10 @@ class TrainStep:
         self.config, self.device, self.dtype = config, device, dtype
         self.batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.frozen, denoiser, groups = trainable_denoiser(pipe, config.model, config.optim, device, dtype)
-        if not checkpointing:  # the pipeline is reused across rows
-            pipe.unet.disable_gradient_checkpointing()
-        elif not config.model.gradient_checkpointing:
+        if checkpointing:  # whatever the config says: the pipeline is reused across rows
             pipe.unet.enable_gradient_checkpointing()
+        else:
+            pipe.unet.disable_gradient_checkpointing()
         self.denoiser = denoiser.train()
         self.params = [p for group in groups for p in group["params"]]
         self.optimizer = make_optimizer(groups, config.optim)

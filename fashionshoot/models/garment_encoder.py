@@ -55,11 +55,10 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         """``slot_mask`` ``(B, S)``: pool only these slots; the others' tokens are just their slot embedding
         (callers mask them out). An outfit fills a few of the slots, a single garment one of six, so
         pooling every slot did up to six times the work."""
-        batch, slots, length, _ = features.shape
-        present = features.reshape(batch * slots, length, -1) if slot_mask is None else features[slot_mask]
-        tokens = self.proj_in(present)
+        batch, slots = features.shape[:2]
+        if slot_mask is None:
+            slot_mask = torch.ones(batch, slots, dtype=torch.bool, device=features.device)
+        tokens = self.proj_in(features[slot_mask])
         pooled, _ = self.pool(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
-        pooled = self.norm(pooled)
-        pooled = pooled.view(batch, slots, *pooled.shape[1:]) if slot_mask is None else scatter_slots(pooled, slot_mask)
-        pooled = pooled + self.slot_embedding.weight[:slots, None, :]
+        pooled = scatter_slots(self.norm(pooled), slot_mask) + self.slot_embedding.weight[:slots, None, :]
         return pooled.reshape(batch, slots * self.config.num_tokens, -1)
