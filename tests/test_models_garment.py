@@ -98,6 +98,10 @@ def test_empty_slots_are_masked_out_not_attended(unet, inputs):
     assert torch.allclose(out_mixed[0], out[0], atol=1e-6)
     assert torch.allclose(out_mixed[1], _run(unet, inputs)[1], atol=1e-6)
     assert not torch.allclose(out[1], _run(unet, inputs)[1], atol=1e-4)
+    # Garments are packed to the most any sample has: a fuller outfit beside it changes nothing either.
+    fuller = inputs["mask"].clone()
+    fuller[1, :3] = True
+    assert torch.allclose(_run(unet, inputs, adapter(fuller, inputs["features"]))[0], out[0], atol=1e-6)
 
 
 def test_token_padding_and_guidance_branches_change_nothing(unet, inputs):
@@ -107,7 +111,7 @@ def test_token_padding_and_guidance_branches_change_nothing(unet, inputs):
     adapter = _randomize(GarmentAdapter.from_unet(unet, image_embed_dim=DIM))
     controls = adapter(inputs["mask"], inputs["features"])
     cond = controls["garment"]
-    real = SLOTS * adapter.config.num_tokens
+    real = 2 * adapter.config.num_tokens  # packed: two garments per sample
     assert cond.valid.shape[1] % TOKEN_MULTIPLE == 0 and cond.valid.shape[1] > real
     assert not cond.valid[:, real:].any()
     unpadded = GarmentConditioning({k: v[:, :real] for k, v in cond.keys.items()},
@@ -154,24 +158,31 @@ def test_adapter_round_trips_through_save_and_load(unet, inputs, conditioning, t
     assert torch.equal(_run(unet, inputs, loaded(inputs["mask"], inputs["features"], bank)), out)
 
 
-def test_projector_pools_only_the_present_slots_to_the_same_tokens():
+def test_projector_packs_each_samples_garments_to_the_front_in_slot_order():
     projector = GarmentProjector(DIM, 16, num_tokens=3, num_heads=2, num_slots=SLOTS)
-    features = torch.randn(2, SLOTS, TOKENS, DIM)
-    mask = torch.tensor([[True, False, True, False, False, False], [False] * SLOTS])
-    every_slot, present_only = projector(features), projector(features, mask)
-    per_slot = mask.repeat_interleave(3, dim=1)
-    assert torch.allclose(present_only[per_slot], every_slot[per_slot], atol=1e-6)
-    slot_embedding = projector.slot_embedding.weight.repeat_interleave(3, dim=0).expand(2, -1, -1)
-    assert torch.equal(present_only[~per_slot], slot_embedding[~per_slot])
+    features = torch.randn(3, SLOTS, TOKENS, DIM)
+    mask = torch.tensor([[False, False, True, False, True, False], [False] * SLOTS, [True] + [False] * 5])
+    tokens, valid = projector(features, mask)
+    assert tokens.shape == (3, 2 * 3, 16)  # the most garments in a sample (2) x 3 tokens
+    assert valid.tolist() == [[True] * 6, [False] * 6, [True] * 3 + [False] * 3]
+
+    def pooled(sample: int, slot: int) -> torch.Tensor:
+        x = projector.proj_in(features[sample, slot])[None]
+        out = projector.pool(projector.queries[None], x, x, need_weights=False)[0][0]
+        return projector.norm(out) + projector.slot_embedding.weight[slot]
+
+    assert torch.allclose(tokens[0, :3], pooled(0, 2), atol=1e-5)
+    assert torch.allclose(tokens[0, 3:], pooled(0, 4), atol=1e-5)
+    assert torch.allclose(tokens[2, :3], pooled(2, 0), atol=1e-5)
 
 
 def test_projector_round_trips(tmp_path):
     projector = GarmentProjector(DIM, 16, num_tokens=3, num_heads=2, num_slots=SLOTS)
-    features = torch.randn(2, SLOTS, TOKENS, DIM)
-    tokens = projector(features)
+    features, mask = torch.randn(2, SLOTS, TOKENS, DIM), torch.ones(2, SLOTS, dtype=torch.bool)
+    tokens, _ = projector(features, mask)
     assert tokens.shape == (2, SLOTS * 3, 16)
     projector.save_pretrained(tmp_path)
-    assert torch.equal(load_pretrained(GarmentProjector, tmp_path)(features), tokens)
+    assert torch.equal(load_pretrained(GarmentProjector, tmp_path)(features, mask)[0], tokens)
 
 
 def test_reference_mode_follows_the_reference_and_ignores_empty_slots(unet, inputs):
@@ -229,4 +240,4 @@ def test_garment_features_from_clip_or_siglip_vision_towers(tower):
     assert features.shape[:2] == (1, SLOTS) and features.shape[-1] == DIM
     assert features[0, 1].abs().sum() == 0 and features[0, 5].abs().sum() > 0
     controls = GarmentAdapter(image_embed_dim=DIM, layers=["x"], layer_dims=[8])(mask, features)
-    assert controls["garment"].keys["x"].shape == (1, 32, 8)  # SLOTS * 4 tokens, padded to TOKEN_MULTIPLE
+    assert controls["garment"].keys["x"].shape == (1, 16, 8)  # 2 garments x 4 tokens, padded to TOKEN_MULTIPLE

@@ -231,8 +231,7 @@ class GarmentAdapter(ModelMixin, ConfigMixin):
         if self.uses_cross_attention:
             if image_features is None:
                 raise ConfigError("this garment adapter uses cross-attention conditioning: pass image_features")
-            tokens = self.projector(image_features.to(self.dtype), slot_mask)
-            valid = slot_mask.repeat_interleave(self.config.num_tokens, dim=1)
+            tokens, valid = self.projector(image_features.to(self.dtype), slot_mask)
             pad = -tokens.shape[1] % TOKEN_MULTIPLE
             tokens, valid = F.pad(tokens, (0, 0, 0, pad)), F.pad(valid, (0, pad), value=False)
             controls[GARMENT_KEY] = GarmentConditioning(

@@ -37,8 +37,12 @@ def scatter_slots(features: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tens
 class GarmentProjector(ModelMixin, ConfigMixin):
     """Per-slot attention pooling of image-encoder tokens into garment tokens, plus slot embeddings.
 
-    ``forward(features, slot_mask)`` maps ``(B, S, L, image_embed_dim)`` to ``(B, S * num_tokens, token_dim)``,
-    slot-major, so token ``s * num_tokens + j`` belongs to slot ``s``.
+    ``forward(features, slot_mask)`` maps ``(B, S, L, image_embed_dim)`` features to the tokens of each
+    sample's *present* garments, packed to the front in slot order: ``(B, M * num_tokens, token_dim)``
+    with ``M`` the most garments any sample has, and which of them are real ``(B, M * num_tokens)``.
+    A garment's slot travels in its slot embedding, not in its position, so the UNet still knows a shoe
+    from a top; attention does not depend on key order, and the shorter key list is what makes packing
+    worth it: single-garment data has 4 real tokens, not 6 slots' worth.
     """
 
     @register_to_config
@@ -51,14 +55,24 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         self.norm = nn.LayerNorm(token_dim)
         self.slot_embedding = nn.Embedding(num_slots, token_dim)
 
-    def forward(self, features: torch.Tensor, slot_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``slot_mask`` ``(B, S)``: pool only these slots; the others' tokens are just their slot embedding
-        (callers mask them out). An outfit fills a few of the slots, a single garment one of six, so
-        pooling every slot did up to six times the work."""
+    def forward(self, features: torch.Tensor, slot_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Only present slots are pooled (the others are never read); ``(tokens, valid)`` as above.
+
+        The layout comes from the small ``(B, S)`` mask on the host: one device sync per call."""
         batch, slots = features.shape[:2]
-        if slot_mask is None:
-            slot_mask = torch.ones(batch, slots, dtype=torch.bool, device=features.device)
-        tokens = self.proj_in(features[slot_mask])
+        present = slot_mask.bool().cpu()
+        sample, slot = present.nonzero(as_tuple=True)
+        rank = (present.cumsum(dim=1) - 1)[sample, slot]  # each garment's place among its sample's garments
+        counts = present.sum(dim=1, keepdim=True)
+        packed = max(int(counts.max()), 1)
+        sample, slot, rank = (x.to(features.device) for x in (sample, slot, rank))
+
+        tokens = self.proj_in(features[sample, slot])
         pooled, _ = self.pool(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
-        pooled = scatter_slots(self.norm(pooled), slot_mask) + self.slot_embedding.weight[:slots, None, :]
-        return pooled.reshape(batch, slots * self.config.num_tokens, -1)
+        pooled = self.norm(pooled) + self.slot_embedding(slot)[:, None, :]
+        grid = pooled.new_zeros(batch, packed, *pooled.shape[1:])
+        grid[sample, rank] = pooled
+        valid = torch.arange(packed) < counts
+        num_tokens = self.config.num_tokens
+        return (grid.reshape(batch, packed * num_tokens, -1),
+                valid.repeat_interleave(num_tokens, dim=1).to(features.device))
