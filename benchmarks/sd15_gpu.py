@@ -24,9 +24,9 @@ generate  one ``PhotoshootPipeline`` call: one garment, pose and prompt, DDIM wi
 ``--cpu-memory`` estimates the peak-memory figure without a GPU (the first batch size, gradient checkpointing):
 the forward and backward of the same step run on the CPU under bf16 autocast inside torch's ``MemTracker``,
 which counts every live tensor; the AdamW state and the EMA copy, which the step holds from its first
-optimizer step on, are added from the trained parameter count (8 and 4 bytes each). Not in the estimate:
-the optimizer step's temporaries (CUDA's foreach AdamW: up to the size of the trained weights), the CUDA
-context and kernel workspaces, allocator fragmentation.
+optimizer step on, are added from the trained parameter count (8 and 4 bytes each); the step itself adds
+no whole-model temporaries (``make_optimizer``'s AdamW is torch's fused kernel, which updates in place).
+Not in the estimate: the CUDA context and kernel workspaces, allocator fragmentation.
 
     python benchmarks/sd15_gpu.py [--batch-sizes 4 16] [--repeats 5] [--peak-tflops 989]
     python benchmarks/sd15_gpu.py --cpu-memory [--batch-sizes 4]   # about 3 minutes and 9 GB of RAM on 2 cores
@@ -207,8 +207,7 @@ def cpu_memory_estimate(pipe: Any, config: Any, batch: dict[str, Any]) -> None:
     print(f"  forward+backward peak (MemTracker): {gib['Total']:.3g} GiB (weights {gib['Parameter']:.3g}, "
           f"gradients + activations + temporaries {gib['Total'] - gib['Parameter']:.3g})")
     print(f"  + AdamW state {optimizer:.3g} GiB + EMA {ema:.3g} GiB = {gib['Total'] + optimizer + ema:.3g} GiB; not "
-          f"included: the optimizer step's temporaries (foreach AdamW on CUDA: up to {4 * trained / 2**30:.3g} GiB), "
-          "the CUDA context and workspaces")
+          "included: the CUDA context and workspaces, allocator fragmentation")
 
 
 def generation_inputs(config: Any, size: tuple[int, int]) -> dict[str, Any]:
