@@ -1,7 +1,7 @@
-"""2-process CPU DDP and DeepSpeed ZeRO-1/2/3 (gloo) train the same model as 1 process on the same global batch.
+"""2-process CPU DDP, DeepSpeed ZeRO-2/3 and FSDP2 (gloo) train the same model as 1 process on the same global batch.
 
 Both runs go through the user-facing entry point (``train/photoshoot.py``), the 2-process one under
-``accelerate launch``. Equality holds because the data order, the per-sample randomness and the loss
+``accelerate launch``, the 1-process one by calling its ``main`` here. Equality holds because the data order, the per-sample randomness and the loss
 normalisation do not depend on how the global batch is split (see fashionshoot.training.randomness).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,20 @@ def _launch(out: Path, common: list[str], processes: int, batch_size: int, zero_
 
 def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_stage: int = 0,
            fsdp: str = "") -> dict[str, torch.Tensor]:
-    done = _launch(out, common, processes, batch_size, zero_stage, fsdp=fsdp)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("trained to step") == 1  # one summary, from the main process
+    """Train and return the saved pipeline's weights. A plain 1-process run (the references) calls the
+    script's ``main`` in this process, on one thread like the launched runs: same code, ~7 s of imports less."""
+    if processes == 1 and not zero_stage and not fsdp:
+        main = runpy.run_path(str(SCRIPT))["main"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main([f"output_dir={out}", f"optim.batch_size={batch_size}", *common]) == 0
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        done = _launch(out, common, processes, batch_size, zero_stage, fsdp=fsdp)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert done.stdout.count("trained to step") == 1  # one summary, from the main process
     return saved_weights(out / "pipeline")
 
 
