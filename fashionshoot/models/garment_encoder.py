@@ -59,7 +59,7 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         """Only present slots are pooled (the others are never read); ``(tokens, valid)`` as above.
 
         The layout comes from the small ``(B, S)`` mask on the host: one device sync per call."""
-        batch, slots = features.shape[:2]
+        batch = features.shape[0]
         present = slot_mask.bool().cpu()
         sample, slot = present.nonzero(as_tuple=True)
         rank = (present.cumsum(dim=1) - 1)[sample, slot]  # each garment's place among its sample's garments
