@@ -1,8 +1,9 @@
 """2-process CPU DDP, DeepSpeed ZeRO-2/3 and FSDP2 (gloo) train the same model as 1 process on the same global batch.
 
 Both runs go through the user-facing entry point (``train/photoshoot.py``), the 2-process one under
-``accelerate launch``, the 1-process one by calling its ``main`` here. Equality holds because the data order, the per-sample randomness and the loss
-normalisation do not depend on how the global batch is split (see fashionshoot.training.randomness).
+``accelerate launch``, the 1-process one by calling its ``main`` here. Equality holds because the data
+order, the per-sample randomness and the loss normalisation do not depend on how the global batch is split
+(see fashionshoot.training.randomness).
 """
 
 from __future__ import annotations
