@@ -4,9 +4,10 @@
 (tiny UNet trained in full, tiny VAE fitted to the training images first). Measured on the held-out
 garments by :mod:`fashionshoot.training.validation`, the generations then
 
-* show *the* conditioning garment: garment-fidelity R@1 4-5x chance and R@5 about 3x chance over seeds
-  0-2 (141 queries, 47 garments; the untrained base is at chance; a single validation moves by +-0.03, so
-  2.5x and 2x are asserted; the ground truth itself reaches only ~10x at this resolution);
+* show *the* conditioning garment: garment-fidelity R@1 3.3-6.3x chance and R@5 2.5-3.9x chance over
+  seeds 0-2 at 2 threads (141 queries, 47 garments; the untrained base is at chance; a single validation
+  moves by +-0.03, so 2.5x and 2x are asserted; the ground truth itself reaches only ~10x at this
+  resolution);
 * follow the given pose: the garment lands where the pose puts it, not where the same garment stands in
   its other test poses (``pose_accuracy`` 0.63-0.71 over 282 comparisons against the base's ~0.57).
 """
