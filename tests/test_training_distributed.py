@@ -109,6 +109,7 @@ def _train(out: Path, common: list[str], processes: int, batch_size: int, zero_s
         done = _launch(out, common, processes, batch_size, zero_stage, fsdp=fsdp)
         assert done.returncode == 0, done.stderr[-4000:]
         assert done.stdout.count("trained to step") == 1  # one summary, from the main process
+        assert done.stdout.count("| step | garment_r@1") == 1  # and its metrics table
     return saved_weights(out / "pipeline")
 
 

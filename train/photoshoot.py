@@ -1,4 +1,5 @@
-"""Fine-tune a photoshoot pipeline on garment-lookbook pairs; write checkpoints, the pipeline and a sample grid.
+"""Fine-tune a photoshoot pipeline on garment-lookbook pairs; write checkpoints, the pipeline, a sample grid
+and a metrics table (printed at the end).
 
     accelerate launch train/photoshoot.py [--config configs/photoshoot_tiny.yaml] [key=value ...]
     python train/photoshoot.py                      # same, one process
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> int:
     if results["main_process"]:  # one summary per run, not per process
         print(f"trained to step {results['step']} ({results['nan_steps']} skipped); pipeline: {results['pipeline']}; "
               f"samples: {results['grid']}; checkpoint: {results['checkpoint']}")
+        print(f"validation metrics ({results['metrics']}):\n{results['metrics'].read_text()}", end="")
     return 0
 
 

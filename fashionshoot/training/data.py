@@ -36,7 +36,7 @@ def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord]
     settings = root / "synthetic.json"
     fresh = settings.is_file() and (root / "pairs.jsonl").is_file() and load_synthetic_config(settings) == config.synthetic
     if not fresh:
-        write_synthetic_set(root, config.synthetic)
+        write_synthetic_set(root, config.synthetic, progress=True)
     return read_manifest(root / "pairs.jsonl"), root
 
 

@@ -293,7 +293,7 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
         steps = config.model.tiny_vae_steps
         images = training_images(select(records, config.data, config.data.train_split), root) if steps else []
         save_pretrained_tiny_photoshoot_pipeline(building, images, resolution=tuple(config.data.resolution),
-                                                 vae_steps=steps, seed=config.seed,
+                                                 vae_steps=steps, seed=config.seed, progress=True,
                                                  conditioning=config.model.conditioning)
     shutil.rmtree(base, ignore_errors=True)  # ours, and without model_index.json: an unfinished base
     building.rename(base)
