@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -245,6 +246,21 @@ def test_tensorboard_logging_and_8bit_adam(tmp_path: Path, shared: list[str]) ->
     events.Reload()
     logged = {e.step: e.value for e in events.Scalars("loss")}
     assert logged == pytest.approx(results["losses"])
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, shared: list[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No account and no network: ``WANDB_MODE=offline`` writes the run under ``<output_dir>/wandb``, with
+    the config, every step's loss and the validation metrics (what ``wandb sync`` would upload)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    results = run(_config(tmp_path, *shared, "optim.max_steps=2", "log_with=wandb", "log_every=1"))
+    (log,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = log.read_bytes()  # protobuf records: keys and JSON-encoded values are stored as plain bytes
+    assert b"optim.lr" in logged and b"val/garment_r@1" in logged
+    assert set(results["losses"]) == {1, 2}
+    for loss in results["losses"].values():
+        assert json.dumps(loss).encode() in logged
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path: Path, shared: list[str]) -> None:

@@ -616,7 +616,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     resolved = to_dict(config)
     state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank) if resume else TrainerState()
     state.config = resolved
-    accelerator.init_trackers("photoshoot", config=_tracker_config(config))
+    # wandb files go under the run's folder (as tensorboard's do), unless WANDB_DIR says where
+    accelerator.init_trackers("photoshoot", config=_tracker_config(config),
+                              init_kwargs={"wandb": {"dir": os.environ.get("WANDB_DIR", str(out))}})
     encoder = None
     if accelerator.is_main_process:
         with whole_models(accelerator):
