@@ -32,9 +32,10 @@ Two rows, both interleaved in every round:
               its first layer but keep weight gradients for only a few tensors.
 
 Each round runs one step of every candidate in turn (so load drift from other processes hits all
-alike); the table gives the median and best ms per step and the ours/bare ratios (of the medians, and
-the median of the per-round ratios). A staged copy of each step (the same calls with timers between
-them, checked to give the same loss as ``training_loss``) shows where the time goes.
+alike); the table gives the median wall and CPU ms per step and the ours/bare ratios (of the medians;
+and the median and quartiles of the per-round ratios, which show how much one run's figure can
+move). A staged copy of each step (the same calls with timers between them, checked to give the same
+loss as ``training_loss``) shows where the time goes.
 
     PYTHONPATH=. python benchmarks/train_step.py [--repeats 15] [--threads 2] [--batch-size 4]
 """
@@ -414,8 +415,9 @@ def main() -> None:
     print(f"batch={batch_size} synthetic pairs via PhotoshootCollator (collated once, {collate_ms:.0f} ms, untimed), "
           f"pixels {tuple(batch['lookbook'].shape[-2:])} -> latents {latent} (H, W), threads={args.threads}, "
           f"{args.repeats} interleaved rounds after {args.warmup} warm-up")
-    print(f"{'':12}{'ours':>9}{'bare':>9}{'ratio':>8}{'paired':>8}{'ours':>9}{'bare':>9}{'ratio':>8}")
-    print(f"{'':12}{'median wall ms/step':^34}{'median CPU ms/step':^26}   (paired: median of per-round ratios)")
+    print(f"{'':12}{'ours':>9}{'bare':>9}{'ratio':>8}{'paired':>8}{'quartiles':>14}{'ours':>9}{'bare':>9}{'ratio':>8}")
+    print(f"{'':12}{'median wall ms/step':^48}{'median CPU ms/step':^26}")
+    print(f"{'':12}(paired: median of the per-round ratios; quartiles: their 25th and 75th percentiles)")
     ratios = {}
     for row in rows:
         o, b = times[(row, "ours")], times[(row, "bare")]
@@ -423,14 +425,17 @@ def main() -> None:
         for i in (0, 1):
             mo, mb = statistics.median(x[i] for x in o), statistics.median(x[i] for x in b)
             cells.append((mo, mb, mo / mb))
-        paired = statistics.median(x[0] / y[0] for x, y in zip(o, b, strict=True))
-        ratios[row] = (cells[0][2], paired)
-        print(f"{row:12}{cells[0][0]:9.1f}{cells[0][1]:9.1f}{cells[0][2]:8.3f}{paired:8.3f}"
+        per_round = [x[0] / y[0] for x, y in zip(o, b, strict=True)]
+        paired = statistics.median(per_round)
+        low, _, high = statistics.quantiles(per_round, n=4)
+        ratios[row] = (cells[0][2], paired, low, high)
+        print(f"{row:12}{cells[0][0]:9.1f}{cells[0][1]:9.1f}{cells[0][2]:8.3f}{paired:8.3f}{low:8.3f}-{high:.3f}"
               f"{cells[1][0]:9.1f}{cells[1][1]:9.1f}{cells[1][2]:8.3f}")
-    ratio, paired = ratios["train-unet"]
+    ratio, paired, low, high = ratios["train-unet"]
     verdict = "PASS" if ratio <= 1.10 else "FAIL"
-    print(f"summary: train-unet ours/bare = {ratio:.3f} (paired {paired:.3f}; target <= 1.10: {verdict}); "
-          f"default config ours/bare = {ratios['default'][0]:.3f} (paired {ratios['default'][1]:.3f})")
+    print(f"summary: train-unet ours/bare = {ratio:.3f} (paired {paired:.3f}, quartiles {low:.3f}-{high:.3f}; "
+          f"target <= 1.10: {verdict}); default config ours/bare = {ratios['default'][0]:.3f} "
+          f"(paired {ratios['default'][1]:.3f})")
 
     if args.no_breakdown:
         return
