@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import runpy
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,20 @@ def test_bad_config_key_is_named() -> None:
         config_from_argv(PhotoshootTrainConfig, ["optim.lrr=1e-4"], default_path=TINY_YAML)
     with pytest.raises(ConfigError, match=r"optim\.batch_size=0"):
         config_from_argv(PhotoshootTrainConfig, ["optim.batch_size=0"], default_path=TINY_YAML)
+
+
+def test_script_takes_resume_flag_and_reports_command_line_errors_without_a_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    script = runpy.run_path(str(ROOT / "train" / "photoshoot.py"))
+    assert script["parse"](["--resume", "runs/x/checkpoints/checkpoint-00000010", "optim.lr=0.1"]).checkpoint.resume \
+        == "runs/x/checkpoints/checkpoint-00000010"
+    assert script["parse"](["--resume", ""]).checkpoint.resume == ""
+    assert script["parse"]([]).checkpoint.resume == "latest"
+    assert script["main"](["--resume"]) == 2
+    assert "--resume needs a value" in capsys.readouterr().err
+    assert script["main"](["optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key(s) optim.lrr" in err and "usage: train/photoshoot.py" in err and "Traceback" not in err
 
 
 def test_non_finite_losses_stop_the_run(tmp_path: Path, shared: list[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,8 +1,12 @@
 """Fine-tune a photoshoot pipeline on garment-lookbook pairs; write checkpoints, the pipeline, a sample grid
 and a metrics table (printed at the end).
 
-    accelerate launch train/photoshoot.py [--config configs/photoshoot_tiny.yaml] [key=value ...]
+    accelerate launch train/photoshoot.py [--config configs/photoshoot_tiny.yaml] [--resume latest|DIR|""]
+                                          [key=value ...]
     python train/photoshoot.py                      # same, one process
+
+``--resume X`` is ``checkpoint.resume=X``: ``latest`` (the default) continues the newest checkpoint in
+``output_dir`` on the same loss trajectory, a checkpoint folder continues that one, ``""`` starts fresh.
 
 With no arguments it generates a small synthetic set and a tiny random pipeline into ``output_dir``
 and trains for a few minutes on CPU (configs/photoshoot_tiny.yaml). Real runs set
@@ -15,13 +19,30 @@ import sys
 from pathlib import Path
 
 from fashionshoot.config import config_from_argv
+from fashionshoot.errors import ConfigError
 from fashionshoot.training import PhotoshootTrainConfig, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "photoshoot_tiny.yaml"
+USAGE = "train/photoshoot.py [--config FILE] [--resume latest|DIR|\"\"] [key=value ...]"
+
+
+def parse(argv: list[str]) -> PhotoshootTrainConfig:
+    """The run's config from the command line; ``--resume X`` becomes the override ``checkpoint.resume=X``."""
+    argv = list(argv)
+    if "--resume" in argv:
+        i = argv.index("--resume")
+        if i + 1 >= len(argv):
+            raise ConfigError('--resume needs a value: latest, a checkpoint folder, or "" to start fresh')
+        argv[i : i + 2] = [f"checkpoint.resume={argv[i + 1]}"]
+    return config_from_argv(PhotoshootTrainConfig, argv, default_path=DEFAULT_CONFIG)
 
 
 def main(argv: list[str]) -> int:
-    config = config_from_argv(PhotoshootTrainConfig, argv, default_path=DEFAULT_CONFIG)
+    try:
+        config = parse(argv)
+    except ConfigError as err:  # a mistyped command line: the message, not a traceback
+        print(f"train/photoshoot.py: error: {err}\nusage: {USAGE}", file=sys.stderr)
+        return 2
     results = run(config)
     if results["main_process"]:  # one summary per run, not per process
         print(f"trained to step {results['step']} ({results['nan_steps']} skipped); pipeline: {results['pipeline']}; "
