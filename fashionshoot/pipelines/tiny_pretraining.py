@@ -74,7 +74,7 @@ def fit_tiny_vae(
             optimizer.step()
             schedule.step()
             if progress and step % 50 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         modes = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in data.split(64)])
