@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
+import shlex
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +174,48 @@ def test_generate_cli_writes_pngs(folder, tmp_path):
     assert (tmp_path / "out" / "config.yaml").is_file()
     assert generate_main([f"pipeline={folder}", f"garments.hat={tmp_path / 'top.png'}",
                           f"out_dir={tmp_path / 'bad'}"]) == 1
+
+
+def _eval_generation_module():
+    spec = importlib.util.spec_from_file_location("eval_generation", Path(__file__).parents[1] / "eval" / "generation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_over_a_manifest_split_writes_what_eval_generation_reads(folder, tmp_path, capsys):
+    from fashionshoot.data.pairs import read_manifest
+    from fashionshoot.data.synthetic import SyntheticConfig, write_synthetic_set
+
+    data = write_synthetic_set(tmp_path / "synthetic", SyntheticConfig(num_garments=8, lookbooks_per_garment=2,
+                                                                        styles=("real",)))
+    test_pairs = [r for r in read_manifest(data / "pairs.jsonl") if r.split == "test"]
+    assert len(test_pairs) == 4  # garments 1 and 3, two lookbooks each
+    out = tmp_path / "set"
+    argv = [f"pipeline={folder}", f"pairs={data / 'pairs.jsonl'}", "split=test", "steps=2", "height=32", "width=24",
+            "batch_size=3", f"out_dir={out}"]
+    assert generate_main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:-1] == [str(out / "generated" / f"{r.pair_id}.png") for r in test_pairs]
+    for kind in ("generated", "references"):
+        files = sorted((out / kind).glob("*.png"))
+        assert [f.stem for f in files] == sorted(r.pair_id for r in test_pairs)
+        assert {Image.open(f).size for f in files} == {(24, 32)}
+    rows = list(csv.DictReader(open(out / "pairs.csv", newline="")))
+    assert [(r["generated"], r["reference"], r["category"], r["garment"]) for r in rows] == \
+        [(p.pair_id, p.pair_id, p.category, p.garment_id) for p in test_pairs]
+    assert rows[0]["caption"] == test_pairs[0].metadata["caption"]
+    assert sorted(f.stem for f in (out / "garments").glob("*.png")) == sorted({p.garment_id for p in test_pairs})
+    with Image.open(out / "references" / f"{test_pairs[0].pair_id}.png") as ref, \
+            Image.open(data / test_pairs[0].lookbook_image) as truth:
+        assert np.array_equal(np.asarray(ref), np.asarray(truth.convert("RGB").resize((24, 32), Image.BICUBIC)))
+
+    command = printed[-1].removeprefix("evaluate with: python eval/generation.py ")
+    report = _eval_generation_module().main([*shlex.split(command), "metrics=[ssim]", f"out_dir={tmp_path / 'eval'}"])
+    assert report.get("ssim").n == 4 and {r.category for r in report.results} == {"skirt", "trousers", "all"}
+
+    assert generate_main([*argv, f"garments.top={data / test_pairs[0].garment_image}"]) == 1
+    assert "drop garments" in capsys.readouterr().err
+    assert generate_main([*argv, "split=val"]) == 1
+    assert "no pairs in split 'val'" in capsys.readouterr().err

@@ -1,9 +1,18 @@
-"""``fashionshoot generate``: garments + keypoints + prompt -> PNG files, from a saved pipeline folder.
+"""``fashionshoot generate``: garments + keypoints + prompt -> PNG files, from a saved pipeline folder;
+or one image per pair of a manifest split, written as an evaluation set.
 
 Usage::
 
     fashionshoot generate [--config FILE] pipeline=DIR garments.top=top.jpg garments.shoes=shoes.jpg \\
         keypoints=pose.json prompt="on a rooftop at dusk" out_dir=outputs [key=value ...]
+    fashionshoot generate pipeline=DIR pairs=pairs.jsonl split=test height=512 width=384 out_dir=eval_set
+
+With ``pairs`` each pair of the ``split`` (``num_pairs`` of them, 0: all) is generated with its garment
+in its slot, its pose and its caption (``pair_prompts=empty``: none), in batches of ``batch_size``, and
+``out_dir`` gets ``generated/<pair_id>.png``, ``references/<pair_id>.png`` (the ground-truth lookbook
+resized to the output size, bicubic), ``garments/<garment_id>.png`` (the product shots) and
+``pairs.csv`` (``generated,reference,category,caption,garment``): exactly what ``eval/generation.py``
+reads (its ``manifest``, ``references`` and ``garments`` keys); the command to run it is printed.
 
 ``keypoints`` is a JSON file holding ``[[x, y, confidence], ...]`` (18 COCO, 16 MPII or 25 BODY_25
 joints), or ``{"keypoints": [...], "size": [width, height]}`` (rescaled to the output size), or an
@@ -13,7 +22,9 @@ images.
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from fashionshoot.config import config_from_argv, save_config
 from fashionshoot.errors import DataError, FashionshootError
+
+#: Pair and garment ids become file names in an evaluation set.
+_SAFE_STEM = re.compile(r"[A-Za-z0-9._-]+")
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,6 +61,12 @@ class GenerateConfig:
     scheduler: SchedulerName = "default"
     device: str = "cpu"
     out_dir: str = "outputs/generate"
+    pairs: str = ""
+    split: str = "test"
+    num_pairs: int = 0
+    pair_prompts: Literal["caption", "empty"] = "caption"
+    batch_size: int = 8
+    slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
 
 
 def read_keypoints(path: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -84,25 +104,34 @@ def _set_scheduler(pipe: Any, name: SchedulerName) -> None:
         pipe.scheduler = classes[name].from_config(pipe.scheduler.config)
 
 
-def generate(config: GenerateConfig) -> list[Path]:
-    """Load the pipeline, generate ``num_images`` images, write them as PNGs; returns their paths."""
-    import torch
-    from PIL import Image
-
+def _load(config: GenerateConfig) -> tuple[Any, int, int]:
+    """The pipeline on ``config.device`` with the chosen scheduler, and the output height and width."""
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
 
     if not config.pipeline:
         raise DataError("pipeline=DIR is required (a saved PhotoshootPipeline folder or hub id)")
+    pipe = load_photoshoot_pipeline(config.pipeline).to(config.device)
+    _set_scheduler(pipe, config.scheduler)
+    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe, height, width
+
+
+def generate(config: GenerateConfig) -> list[Path]:
+    """Load the pipeline, generate ``num_images`` images, write them as PNGs; returns their paths.
+    With ``config.pairs``: :func:`generate_eval_set`."""
+    import torch
+    from PIL import Image
+
+    if config.pairs:
+        return generate_eval_set(config)
     garments = {}
     for slot, image_path in config.garments.items():
         try:
             garments[slot] = Image.open(image_path).convert("RGB")
         except OSError as exc:
             raise DataError(f"garment {slot!r}: cannot read image {image_path} ({exc})") from exc
-    pipe = load_photoshoot_pipeline(config.pipeline).to(config.device)
-    _set_scheduler(pipe, config.scheduler)
-    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pipe, height, width = _load(config)
     keypoints = read_keypoints(config.keypoints, (width, height)) if config.keypoints else None
     images = pipe(
         garments=garments, keypoints=keypoints, prompt=config.prompt, negative_prompt=config.negative_prompt,
@@ -119,18 +148,85 @@ def generate(config: GenerateConfig) -> list[Path]:
     return paths
 
 
+def _file_stem(name: str, what: str) -> str:
+    if not _SAFE_STEM.fullmatch(name):
+        raise DataError(f"{what} {name!r} cannot name a file: use letters, digits, '.', '_' and '-' only")
+    return name
+
+
+def generate_eval_set(config: GenerateConfig) -> list[Path]:
+    """One generation per pair of ``config.split`` in the ``config.pairs`` manifest, written with its
+    reference and garment as an ``eval/generation.py`` input (see the module doc); returns the paths of
+    the generated images. Images in the manifest are relative to its folder."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from fashionshoot.data.pairs import PairFilter, read_manifest
+    from fashionshoot.training.validation import ValidationSettings, generate_pairs
+
+    if config.garments or config.keypoints:
+        raise DataError("pairs=... takes each pair's garment and pose: drop garments.* and keypoints")
+    manifest = Path(config.pairs)
+    keep = PairFilter(split=config.split)
+    records = [r for r in read_manifest(manifest) if keep.accepts(r)]
+    if config.num_pairs > 0:
+        records = records[: config.num_pairs]
+    if not records:
+        raise DataError(f"{manifest}: no pairs in split {config.split!r}")
+    stems = [_file_stem(r.pair_id, "pair id") for r in records]
+    if len(set(stems)) < len(stems):
+        raise DataError(f"{manifest}: pair ids repeat in split {config.split!r}; each names one output file")
+    pipe, height, width = _load(config)
+    pipe.set_progress_bar_config(disable=True)
+    settings = ValidationSettings(steps=config.steps, guidance_text=config.guidance_scale_text,
+                                  guidance_garment=config.guidance_scale_garment, seed=config.seed,
+                                  resolution=(height, width), slot_map=dict(config.slot_map),
+                                  prompts=config.pair_prompts, batch_size=config.batch_size)
+    out = Path(config.out_dir)
+    for folder in ("generated", "references", "garments"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+    save_config(config, out)
+    written, rows = [], []
+    pairs = generate_pairs(pipe, records, manifest.parent, settings)
+    for pair in tqdm(pairs, total=len(records), desc="generating", unit="pair"):
+        stem = pair.record.pair_id
+        garment = _file_stem(pair.record.garment_id, "garment id")
+        pair.image.save(out / "generated" / f"{stem}.png")
+        pair.lookbook.resize((width, height), Image.Resampling.BICUBIC).save(out / "references" / f"{stem}.png")
+        pair.garment.save(out / "garments" / f"{garment}.png")
+        caption = str(pair.record.metadata.get("caption", "")) if config.pair_prompts == "caption" else ""
+        rows.append({"generated": stem, "reference": stem, "category": pair.record.category, "caption": caption,
+                     "garment": garment})
+        written.append(out / "generated" / f"{stem}.png")
+    with open(out / "pairs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["generated", "reference", "category", "caption", "garment"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return written
+
+
+def eval_command(out_dir: str | Path) -> str:
+    """The ``eval/generation.py`` command line for an evaluation set written by :func:`generate_eval_set`."""
+    out = Path(out_dir)
+    return (f"python eval/generation.py generated=[{out / 'generated'}] references=[{out / 'references'}] "
+            f"manifest={out / 'pairs.csv'} garments=[{out / 'garments'}]")
+
+
 def generate_main(argv: list[str]) -> int:
     """Parse ``[--config FILE] [key=value ...]``, generate, print the written paths; exit status."""
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     try:
-        paths = generate(config_from_argv(GenerateConfig, argv))
+        config = config_from_argv(GenerateConfig, argv)
+        paths = generate(config)
     except FashionshootError as exc:
         print(f"generate: {exc}", file=sys.stderr)
         return 1
     for path in paths:
         print(path)
+    if config.pairs:
+        print(f"evaluate with: {eval_command(config.out_dir)}")
     return 0
 
 

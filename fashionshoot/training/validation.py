@@ -30,7 +30,7 @@ Everything is deterministic given the pipeline, the records and :class:`Validati
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -214,9 +214,54 @@ def _crop(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Im
     return image if box is None else image.crop(box)
 
 
+@dataclass
+class GeneratedPair:
+    """One generation of :func:`generate_pairs`: the test ``record``, its product shot ``garment`` and
+    source ``lookbook`` (RGB, as read) and the generated ``image``."""
+
+    record: PairRecord
+    garment: Image.Image
+    lookbook: Image.Image
+    image: Image.Image
+
+
+def generate_pairs(pipe: Any, records: Sequence[PairRecord], root: str | Path,
+                   settings: ValidationSettings | None = None, image_processor: Any = None) -> Iterator[GeneratedPair]:
+    """Generate one image per record, in order and in batches of ``settings.batch_size``: the record's
+    garment in its slot, its pose, and an empty prompt or its caption (``settings.prompts``), at
+    ``settings.resolution``, seeded by ``settings.seed`` (the same images however they are consumed).
+
+    Image paths are relative to ``root``. ``image_processor`` defaults to ``pipe.feature_extractor`` (only
+    used to collate the batch). The pipeline's progress bar and the global RNG are left as they are.
+    """
+    from fashionshoot.data.pairs import PairManifestDataset
+    from fashionshoot.training.data import PhotoshootCollator, category_slot
+
+    settings = settings or ValidationSettings()
+    height, width = settings.resolution
+    collator = PhotoshootCollator(image_processor or pipe.feature_extractor, pipe.slots, settings.slot_map,
+                                  settings.resolution)
+    dataset = PairManifestDataset(list(records), root)
+    guidance_text = settings.guidance_garment if settings.prompts == "empty" else settings.guidance_text
+    generator = torch.Generator().manual_seed(settings.seed)
+    for start in range(0, len(dataset), settings.batch_size):
+        samples = [dataset[i] for i in range(start, min(start + settings.batch_size, len(dataset)))]
+        batch = collator(samples)
+        outfits = [{pipe.slots[category_slot(s["record"].category, pipe.slots, settings.slot_map)]: s["garment"]}
+                   for s in samples]
+        prompts = batch["prompts"] if settings.prompts == "caption" else [""] * len(samples)
+        images = pipe(garments=outfits, keypoints=batch["keypoints"], prompt=prompts, height=height, width=width,
+                      num_inference_steps=settings.steps, guidance_scale_text=guidance_text,
+                      guidance_scale_garment=settings.guidance_garment, generator=generator).images
+        for sample, image in zip(samples, images, strict=True):
+            yield GeneratedPair(sample["record"], sample["garment"].convert("RGB"), sample["lookbook"].convert("RGB"),
+                                image)
+
+
 def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, settings: ValidationSettings | None = None,
              encoder: Any = None, image_processor: Any = None) -> ValidationResult:
-    """Generate one image per selected test pair with ``pipe`` and measure fidelity and pose following.
+    """Generate one image per selected test pair with ``pipe`` (:func:`generate_pairs`) and measure
+    fidelity and pose following.
 
     ``records``: the test pairs (all of them form the gallery, ``settings.num_pairs`` are generated),
     image paths relative to ``root``. ``encoder``: anything with ``embed_images(list[PIL]) -> (N, D)``
@@ -224,9 +269,7 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
     (only used to collate the batch). The pipeline's progress bar and RNG state are left as they are
     except for the seeded generator passed to it.
     """
-    from fashionshoot.data.pairs import PairManifestDataset
     from fashionshoot.retrieval.encoders import HistogramEncoder
-    from fashionshoot.training.data import PhotoshootCollator, category_slot
 
     settings = settings or ValidationSettings()
     if not records:
@@ -235,29 +278,16 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
     height, width = settings.resolution
     chosen = select_pairs(records, settings.num_pairs)
     gallery_records = {r.garment_id: r for r in records}  # first record of each garment
-    collator = PhotoshootCollator(image_processor or pipe.feature_extractor, pipe.slots, settings.slot_map,
-                                  settings.resolution)
-    dataset = PairManifestDataset(chosen, root)
-    guidance_text = settings.guidance_garment if settings.prompts == "empty" else settings.guidance_text
-    generator = torch.Generator().manual_seed(settings.seed)
 
     images: list[Image.Image] = []
     garments: list[Image.Image] = []
     lookbooks: list[Image.Image] = []
     boxes: list[tuple[int, int, int, int] | None] = []
-    for start in range(0, len(chosen), settings.batch_size):
-        samples = [dataset[i] for i in range(start, min(start + settings.batch_size, len(chosen)))]
-        batch = collator(samples)
-        outfits = [{pipe.slots[category_slot(s["record"].category, pipe.slots, settings.slot_map)]: s["garment"]}
-                   for s in samples]
-        prompts = batch["prompts"] if settings.prompts == "caption" else [""] * len(samples)
-        images += pipe(garments=outfits, keypoints=batch["keypoints"], prompt=prompts, height=height, width=width,
-                       num_inference_steps=settings.steps, guidance_scale_text=guidance_text,
-                       guidance_scale_garment=settings.guidance_garment, generator=generator).images
-        for sample in samples:
-            garments.append(sample["garment"].convert("RGB"))
-            lookbooks.append(sample["lookbook"].convert("RGB").resize((width, height), Image.Resampling.BICUBIC))
-            boxes.append(_box(sample["record"], sample["lookbook"].size, settings.resolution) if settings.crop else None)
+    for pair in generate_pairs(pipe, chosen, root, settings, image_processor):
+        images.append(pair.image)
+        garments.append(pair.garment)
+        lookbooks.append(pair.lookbook.resize((width, height), Image.Resampling.BICUBIC))
+        boxes.append(_box(pair.record, pair.lookbook.size, settings.resolution) if settings.crop else None)
 
     gallery_ids = list(gallery_records)
     gallery = []
