@@ -215,7 +215,7 @@ def test_generate_over_a_manifest_split_writes_what_eval_generation_reads(folder
     report = _eval_generation_module().main([*shlex.split(command), "metrics=[ssim]", f"out_dir={tmp_path / 'eval'}"])
     assert report.get("ssim").n == 4 and {r.category for r in report.results} == {"skirt", "trousers", "all"}
 
-    assert generate_main([*argv, f"garments.top={data / test_pairs[0].garment_image}"]) == 1
-    assert "drop garments" in capsys.readouterr().err
+    assert generate_main([*argv, f"garments.top={data / test_pairs[0].garment_image}", "prompt=a beach"]) == 1
+    assert "drop garments, prompt" in capsys.readouterr().err
     assert generate_main([*argv, "split=val"]) == 1
     assert "no pairs in split 'val'" in capsys.readouterr().err

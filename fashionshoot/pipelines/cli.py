@@ -13,6 +13,8 @@ in its slot, its pose and its caption (``pair_prompts=empty``: none), in batches
 resized to the output size, bicubic), ``garments/<garment_id>.png`` (the product shots) and
 ``pairs.csv`` (``generated,reference,category,caption,garment``): exactly what ``eval/generation.py``
 reads (its ``manifest``, ``references`` and ``garments`` keys); the command to run it is printed.
+``garments``, ``keypoints``, ``prompt``, ``negative_prompt`` and ``num_images`` belong to the single
+mode and are refused with ``pairs``.
 
 ``keypoints`` is a JSON file holding ``[[x, y, confidence], ...]`` (18 COCO, 16 MPII or 25 BODY_25
 joints), or ``{"keypoints": [...], "size": [width, height]}`` (rescaled to the output size), or an
@@ -164,8 +166,11 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
     from fashionshoot.data.pairs import PairFilter, read_manifest
     from fashionshoot.training.validation import ValidationSettings, generate_pairs
 
-    if config.garments or config.keypoints:
-        raise DataError("pairs=... takes each pair's garment and pose: drop garments.* and keypoints")
+    single = [k for k, unset in (("garments", {}), ("keypoints", ""), ("prompt", ""), ("negative_prompt", ""),
+                                 ("num_images", 1)) if getattr(config, k) != unset]
+    if single:
+        raise DataError(f"pairs=... generates one image per pair from its own garment, pose and caption "
+                        f"(pair_prompts): drop {', '.join(single)}")
     manifest = Path(config.pairs)
     keep = PairFilter(split=config.split)
     records = [r for r in read_manifest(manifest) if keep.accepts(r)]
@@ -186,14 +191,16 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
     for folder in ("generated", "references", "garments"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     save_config(config, out)
-    written, rows = [], []
+    written, rows, garments = [], [], set()
     pairs = generate_pairs(pipe, records, manifest.parent, settings)
     for pair in tqdm(pairs, total=len(records), desc="generating", unit="pair"):
         stem = pair.record.pair_id
         garment = _file_stem(pair.record.garment_id, "garment id")
         pair.image.save(out / "generated" / f"{stem}.png")
         pair.lookbook.resize((width, height), Image.Resampling.BICUBIC).save(out / "references" / f"{stem}.png")
-        pair.garment.save(out / "garments" / f"{garment}.png")
+        if garment not in garments:
+            garments.add(garment)
+            pair.garment.save(out / "garments" / f"{garment}.png")
         caption = str(pair.record.metadata.get("caption", "")) if config.pair_prompts == "caption" else ""
         rows.append({"generated": stem, "reference": stem, "category": pair.record.category, "caption": caption,
                      "garment": garment})
