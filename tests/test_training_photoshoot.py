@@ -63,6 +63,7 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "synthetic" / "pairs.jsonl").is_file()
     pipe = load_photoshoot_pipeline(results["pipeline"])
     assert pipe.pose_channels == 18
+    assert pipe.default_size == (32, 24)  # the trained resolution (the base's UNet says 32x32)
     with Image.open(results["grid"]) as grid:
         assert grid.size == (3 * 24, 32)  # garment | generated | ground truth, one test pair
     assert sorted(p.name for p in (tmp_path / "validation").glob("*.png")) == ["step-00000001.png", "step-00000002.png"]

@@ -114,9 +114,7 @@ def _load(config: GenerateConfig) -> tuple[Any, int, int]:
         raise DataError("pipeline=DIR is required (a saved PhotoshootPipeline folder or hub id)")
     pipe = load_photoshoot_pipeline(config.pipeline).to(config.device)
     _set_scheduler(pipe, config.scheduler)
-    height = config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return pipe, height, width
+    return pipe, config.height or pipe.default_size[0], config.width or pipe.default_size[1]
 
 
 def generate(config: GenerateConfig) -> list[Path]:

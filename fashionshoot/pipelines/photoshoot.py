@@ -107,6 +107,14 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     def slots(self) -> tuple[str, ...]:
         return tuple(self.garment_adapter.config.slots)
 
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels when a call gives none: the UNet's ``sample_size``, square when it is
+        one number; a training run saves its resolution there, so its pipeline generates at that shape."""
+        size = self.unet.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        return height * self.vae_scale_factor, width * self.vae_scale_factor
+
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text-encoder hidden states ``(B, 77, dim)`` for the scene/style prompts."""
@@ -213,8 +221,7 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         mask region, one or one per sample. ``same_noise`` gives every sample the same starting noise, so samples differ only by
         their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`).
         """
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or self.default_size[0], width or self.default_size[1]
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise DataError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
         inputs = {

@@ -704,6 +704,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     with trainee.whole.pipeline() as final_pipe:  # every rank: sharded runs gather
         if final_pipe is not None:
             _finish_weights(final_pipe, config, out, frozen.dtype)
+            height, width = config.data.resolution  # generation defaults to the trained shape (default_size)
+            final_pipe.unet.register_to_config(sample_size=[height // final_pipe.vae_scale_factor,
+                                                            width // final_pipe.vae_scale_factor])
             final_pipe.save_pretrained(str(results["pipeline"]))
             final = run_validation(final_pipe, config, test_records, root, out, state.step, encoder)
             final.grid(config.validation.grid_rows).save(results["grid"])
