@@ -123,6 +123,7 @@ def test_script_takes_resume_flag_and_reports_command_line_errors_without_a_trac
     assert script["parse"](["--resume", "runs/x/checkpoints/checkpoint-00000010", "optim.lr=0.1"]).checkpoint.resume \
         == "runs/x/checkpoints/checkpoint-00000010"
     assert script["parse"](["--resume", ""]).checkpoint.resume == ""
+    assert script["parse"](["--resume=latest"]).checkpoint.resume == "latest"
     assert script["parse"]([]).checkpoint.resume == "latest"
     assert script["main"](["--resume"]) == 2
     assert "--resume needs a value" in capsys.readouterr().err

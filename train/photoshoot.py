@@ -27,8 +27,9 @@ USAGE = "train/photoshoot.py [--config FILE] [--resume latest|DIR|\"\"] [key=val
 
 
 def parse(argv: list[str]) -> PhotoshootTrainConfig:
-    """The run's config from the command line; ``--resume X`` becomes the override ``checkpoint.resume=X``."""
-    argv = list(argv)
+    """The run's config from the command line; ``--resume X`` (or ``--resume=X``) becomes the override
+    ``checkpoint.resume=X``."""
+    argv = [f"checkpoint.resume={a.removeprefix('--resume=')}" if a.startswith("--resume=") else a for a in argv]
     if "--resume" in argv:
         i = argv.index("--resume")
         if i + 1 >= len(argv):
