@@ -238,6 +238,17 @@ def test_a_run_in_another_precision_than_the_config_is_refused() -> None:
     assert note is not None and "mixed_precision=bf16" in note
 
 
+def test_a_lone_cpu_process_on_fewer_threads_than_cores_gets_a_note() -> None:
+    from fashionshoot.training.loop import cpu_threads_note, physical_cores
+
+    note = cpu_threads_note("cpu", 1, 1, 2)  # a bare accelerate launch on a 2-core machine
+    assert note is not None and "1 CPU thread(s) of this machine's 2 cores" in note and "--num_cpu_threads_per_process 2" in note
+    assert cpu_threads_note("cpu", 1, 2, 2) is None
+    assert cpu_threads_note("cpu", 2, 1, 2) is None  # processes share the cores
+    assert cpu_threads_note("cuda", 1, 1, 2) is None
+    assert physical_cores() >= 1
+
+
 def test_a_launch_whose_processes_did_not_join_is_refused() -> None:
     from fashionshoot.training.loop import check_process_count
 
