@@ -61,7 +61,7 @@ class GenerateConfig:
     num_images: int = 1
     seed: int = 0
     scheduler: SchedulerName = "default"
-    device: str = "cpu"
+    device: str = "auto"
     out_dir: str = "outputs/generate"
     pairs: str = ""
     split: str = "test"
@@ -107,12 +107,16 @@ def _set_scheduler(pipe: Any, name: SchedulerName) -> None:
 
 
 def _load(config: GenerateConfig) -> tuple[Any, int, int]:
-    """The pipeline on ``config.device`` with the chosen scheduler, and the output height and width."""
+    """The pipeline on ``config.device`` (``auto``: CUDA when there is one) with the chosen scheduler, and
+    the output height and width."""
+    import torch
+
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
 
     if not config.pipeline:
         raise DataError("pipeline=DIR is required (a saved PhotoshootPipeline folder or hub id)")
-    pipe = load_photoshoot_pipeline(config.pipeline).to(config.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    pipe = load_photoshoot_pipeline(config.pipeline).to(device)
     _set_scheduler(pipe, config.scheduler)
     return pipe, config.height or pipe.default_size[0], config.width or pipe.default_size[1]
 
@@ -137,7 +141,7 @@ def generate(config: GenerateConfig) -> list[Path]:
         garments=garments, keypoints=keypoints, prompt=config.prompt, negative_prompt=config.negative_prompt,
         guidance_scale_text=config.guidance_scale_text, guidance_scale_garment=config.guidance_scale_garment,
         num_inference_steps=config.steps, height=height, width=width, num_images_per_prompt=config.num_images,
-        generator=torch.Generator(device=config.device).manual_seed(config.seed),
+        generator=torch.Generator(device=pipe.device).manual_seed(config.seed),
     ).images
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
