@@ -152,10 +152,10 @@ def generate(config: GenerateConfig) -> list[Path]:
     return paths
 
 
-def _file_stem(name: str, what: str) -> str:
-    if not _SAFE_STEM.fullmatch(name):
-        raise DataError(f"{what} {name!r} cannot name a file: use letters, digits, '.', '_' and '-' only")
-    return name
+def _check_file_stems(names: list[str], what: str) -> None:
+    for name in names:
+        if not _SAFE_STEM.fullmatch(name):
+            raise DataError(f"{what} {name!r} cannot name a file: use letters, digits, '.', '_' and '-' only")
 
 
 def generate_eval_set(config: GenerateConfig) -> list[Path]:
@@ -180,8 +180,9 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
         records = records[: config.num_pairs]
     if not records:
         raise DataError(f"{manifest}: no pairs in split {config.split!r}")
-    stems = [_file_stem(r.pair_id, "pair id") for r in records]
-    if len(set(stems)) < len(stems):
+    _check_file_stems([r.pair_id for r in records], "pair id")  # before any work, not mid-run
+    _check_file_stems([r.garment_id for r in records], "garment id")
+    if len({r.pair_id for r in records}) < len(records):
         raise DataError(f"{manifest}: pair ids repeat in split {config.split!r}; each names one output file")
     pipe, height, width = _load(config)
     pipe.set_progress_bar_config(disable=True)
@@ -196,8 +197,7 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
     written, rows, garments = [], [], set()
     pairs = generate_pairs(pipe, records, manifest.parent, settings)
     for pair in tqdm(pairs, total=len(records), desc="generating", unit="pair"):
-        stem = pair.record.pair_id
-        garment = _file_stem(pair.record.garment_id, "garment id")
+        stem, garment = pair.record.pair_id, pair.record.garment_id
         pair.image.save(out / "generated" / f"{stem}.png")
         pair.lookbook.resize((width, height), Image.Resampling.BICUBIC).save(out / "references" / f"{stem}.png")
         if garment not in garments:
