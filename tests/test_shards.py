@@ -235,9 +235,60 @@ def test_all_faults_together_and_log_summary(shard_dir: Path, caplog: pytest.Log
     stream = PairShardStream(shard_dir)
     assert set(ids(stream)) == all_ids("p0001", "p0005", "p0006", "p0007", "p0010")
     assert stream.faults.total == 4
-    assert "pair shards rank 0 worker 0: 7 samples delivered; skipped 4 sample(s)" in caplog.text
+    assert "pair shards rank 0 worker 0 epoch 0: 7 samples delivered; skipped 4 sample(s)" in caplog.text
     assert set(ids(stream)) == all_ids("p0001", "p0005", "p0006", "p0007", "p0010")
     assert stream.faults.total == 4  # reset per epoch, not accumulated
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions (how a training run resumes a stream) and unpacking (how it gets random access to a split)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_positions_resume_a_worker_without_decoding_what_it_passes_over(shard_dir: Path) -> None:
+    FAULTS["corrupt image"][0](shard_dir)  # p0001's lookbook no longer decodes
+
+    def rank_one() -> PairShardStream:
+        stream = PairShardStream(shard_dir, shuffle_shards=True, shuffle_buffer=3, seed=4, rank=1, world_size=2)
+        stream.set_epoch(2)
+        return stream
+
+    def worker(w: int, skip: int = 0) -> tuple[list[tuple[int, str]], dict[str, int]]:
+        stream = rank_one()
+        got = [(position, sample["record"].pair_id) for position, sample in stream.positioned(w, 2, skip)]
+        return got, dict(stream.faults.counts)
+
+    (first, first_faults), (second, _) = worker(0), worker(1)
+    assert {i for _, i in first} | {i for _, i in second} == set(ids(rank_one()))
+    assert not {i for _, i in first} & {i for _, i in second}
+    assert worker(0) == (first, first_faults)  # positions name the same samples every time
+    owner, lost = (first, first_faults) if first_faults else (second, worker(1)[1])
+    assert lost == {"corrupt image": 1}
+    gap = next(p for p in range(len(owner) + 1) if p not in {q for q, _ in owner})  # the corrupt sample's number
+    resumed, faults = worker(0 if owner is first else 1, skip=gap + 1)
+    assert resumed == [(p, i) for p, i in owner if p > gap]
+    assert faults == {}  # passed over without decoding
+    with pytest.raises(DataError, match="worker 2 is outside 0..1"):
+        next(PairShardStream(shard_dir).positioned(2, 2))
+
+
+def test_unpack_writes_the_selected_pairs_and_skips_bad_ones(tmp_path: Path, shard_dir: Path,
+                                                             pairs: list[PairRecord]) -> None:
+    from fashionshoot.data.pairs import read_manifest
+
+    FAULTS["corrupt image"][0](shard_dir)
+    stream = PairShardStream(shard_dir, select=PairFilter("medium", split="train"), rank=0, world_size=1)
+    manifest = stream.unpack(tmp_path / "test-pairs")
+    unpacked = read_manifest(manifest)
+    by_id = {r.pair_id: r for r in pairs}
+    wanted = {r.pair_id for r in pairs if r.tier != "low" and r.split == "train"} - {"p0001"}
+    assert [r.pair_id for r in unpacked] == sorted(wanted)
+    assert dict(stream.faults.counts) == {"corrupt image": 1}
+    for record in unpacked:
+        source = by_id[record.pair_id]
+        assert record.garment_image == f"images/{record.pair_id}.garment{Path(source.garment_image).suffix}"
+        assert (manifest.parent / record.lookbook_image).read_bytes() == (tmp_path / "images" / source.lookbook_image).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "shards", "test-pairs"]  # no temporary left
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -328,16 +329,13 @@ class PairShardStream(IterableDataset):
         """Samples of the selected tiers in the whole set (all ranks), before confidence/split/category filters."""
         return self.index.count(self.select.allowed_tiers)
 
-    def _part(self) -> tuple[ShardPart, int]:
-        """This reader's slice (the same shard order on every rank, so slices are disjoint) and worker id."""
+    def _part(self, worker: int, num_workers: int) -> ShardPart:
+        """This reader's slice (the same shard order on every rank, so slices are disjoint)."""
         wanted = self.select.allowed_tiers
         names = [s.name for s in self.index.shards if any(s.tiers.get(t) for t in wanted)]
         if self.shuffle_shards:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(names)
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        part = ShardPart(tuple(names)).split(self.rank, self.world_size).split(worker, num_workers)
-        return part, worker
+        return ShardPart(tuple(names)).split(self.rank, self.world_size).split(worker, num_workers)
 
     def _raw(self, part: ShardPart) -> Iterator[_RawSample]:
         counts = {s.name: s.count for s in self.index.shards}
@@ -399,26 +397,78 @@ class PairShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def positioned(self, worker: int = 0, num_workers: int = 1, skip: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+        """This epoch's ``(position, sample)`` pairs for worker ``worker`` of ``num_workers`` on this rank.
+
+        A position numbers the worker's selected samples in their shuffled order, so it names the same
+        sample in every run with the same data, seed, epoch, rank and worker; a sample skipped as corrupt
+        keeps its number. The first ``skip`` positions are passed over without decoding their images: a
+        resumed training run continues exactly where the interrupted one stopped
+        (:mod:`fashionshoot.training.shard_batches`).
+        """
+        if not 0 <= worker < num_workers:
+            raise DataError(f"worker {worker} is outside 0..{num_workers - 1}")
         self.faults = FaultReport()
-        part, worker = self._part()
         rng = random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker}")
         selected = (
             (raw, record)
-            for raw in self._raw(part)
+            for raw in self._raw(self._part(worker, num_workers))
             if (record := self._record(raw)) is not None and self.select.accepts(record)
         )
         delivered = 0
-        for raw, record in self._shuffled(selected, rng):
+        for position, (raw, record) in enumerate(self._shuffled(selected, rng)):
+            if position < skip:
+                continue
             sample = self._sample(raw, record)
             if sample is not None:
                 delivered += 1
-                yield sample
+                yield position, sample
         log = logger.warning if self.faults.total else logger.info
         log(
-            "pair shards rank %d worker %d: %d samples delivered; %s",
+            "pair shards rank %d worker %d epoch %d: %d samples delivered; %s",
             self.rank,
             worker,
+            self.epoch,
             delivered,
             self.faults.summary(),
         )
+
+    def unpack(self, out_dir: str | Path) -> Path:
+        """Write this reader's selected pairs (of its rank's part, unshuffled) as files plus a ``pairs.jsonl``
+        manifest under ``out_dir``; returns the manifest path.
+
+        For the part of a streamed set that needs random access, such as a training run's test split. Image
+        bytes are copied as stored (``images/<pair_id>.garment.jpg``, ...) after checking that they decode;
+        bad samples are skipped and counted in :attr:`faults` as when streaming. The folder is filled under
+        a temporary name and renamed, so an interrupted unpack never looks complete.
+        """
+        from fashionshoot.data.pairs import write_manifest
+
+        out_dir = Path(out_dir)
+        building = out_dir.with_name(f".{out_dir.name}.incomplete")
+        shutil.rmtree(building, ignore_errors=True)
+        (building / "images").mkdir(parents=True)
+        self.faults = FaultReport()
+        records = []
+        for raw in self._raw(self._part(0, 1)):
+            record = self._record(raw)
+            if record is None or not self.select.accepts(record) or self._sample(raw, record) is None:
+                continue
+            stored = {}
+            for role in _ROLES:
+                member = raw.member(role)
+                (building / "images" / f"{raw.key}.{member}").write_bytes(raw.members[member])
+                stored[f"{role}_image"] = f"images/{raw.key}.{member}"
+            records.append(dataclasses.replace(record, **stored))
+        write_manifest(records, building / "pairs.jsonl")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        building.rename(out_dir)
+        (logger.warning if self.faults.total else logger.info)(
+            "unpacked %d pairs into %s; %s", len(records), out_dir, self.faults.summary())
+        return out_dir / "pairs.jsonl"
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for _, sample in self.positioned(worker, num_workers):
+            yield sample
