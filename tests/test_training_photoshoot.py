@@ -89,6 +89,32 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> 
         run(_config(tmp_path / "c", *common, "optim.lr=5e-3", f"checkpoint.resume={resumed['checkpoint']}"))
 
 
+def test_training_from_shards_streams_validates_and_resumes_exactly(tmp_path: Path, shared: list[str]) -> None:
+    """Two DataLoader workers, killed after step 3 of 5 (an odd batch count: the resumed loader must start
+    with the second worker's turn); the test split is unpacked once for validation."""
+    from fashionshoot.data.pairs import read_manifest
+    from fashionshoot.data.shards import write_pair_shards
+
+    manifest = Path(shared[0].split("=", 1)[1])
+    write_pair_shards(read_manifest(manifest), manifest.parent, tmp_path / "shards", samples_per_shard=16)
+    common = [f"data.shards={tmp_path / 'shards'}", shared[1], "data.num_workers=2", "checkpoint.every=3",
+              "optim.max_steps=5", "optim.lr_scheduler=cosine", "optim.warmup_steps=1"]
+    straight = run(_config(tmp_path / "a", *common))
+    killed_after(tmp_path / "a", 3, tmp_path / "b")
+    resumed = run(_config(tmp_path / "b", *common))
+    assert resumed["losses"] == {k: straight["losses"][k] for k in (4, 5)}
+    a, b = saved_weights(straight["pipeline"]), saved_weights(resumed["pipeline"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    tested = read_manifest(tmp_path / "a" / "test-pairs" / "pairs.jsonl")
+    assert {r.pair_id for r in tested} == {r.pair_id for r in read_manifest(manifest) if r.split == "test"}
+    assert straight["validation"]["num_pairs"] == 2 and straight["skipped"] == {}
+
+    with pytest.raises(ConfigError, match=r"data.num_workers=2"):
+        run(_config(tmp_path / "b", *common, "data.num_workers=0", "optim.max_steps=6"))
+    with pytest.raises(ConfigError, match="data.manifest and data.shards"):
+        _config(tmp_path / "c", *common, shared[0])
+
+
 @pytest.mark.parametrize(("schedule", "warns"), [("cosine", True), ("constant_with_warmup", False)])
 def test_a_longer_resumed_run_says_when_the_schedule_bends(tmp_path: Path, shared: list[str], schedule: str,
                                                             warns: bool, caplog: pytest.LogCaptureFixture) -> None:

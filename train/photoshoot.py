@@ -9,8 +9,9 @@ and a metrics table (printed at the end).
 ``output_dir`` on the same loss trajectory, a checkpoint folder continues that one, ``""`` starts fresh.
 
 With no arguments it generates a small synthetic set and a tiny random pipeline into ``output_dir``
-and trains for a few minutes on CPU (configs/photoshoot_tiny.yaml). Real runs set
-``model.pretrained`` and ``data.manifest``. The loop lives in :mod:`fashionshoot.training`.
+and trains for a few minutes on CPU (configs/photoshoot_tiny.yaml). Real runs set ``model.pretrained``
+and ``data.manifest`` (or ``data.shards``: WebDataset shards, streamed). The loop lives in
+:mod:`fashionshoot.training`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> int:
         return 2
     results = run(config)
     if results["main_process"]:  # one summary per run, not per process
-        print(f"trained to step {results['step']} ({results['nan_steps']} skipped); pipeline: {results['pipeline']}; "
+        print(f"trained to step {results['step']} ({results['nan_steps']} non-finite steps skipped); "
+              f"pipeline: {results['pipeline']}; "
               f"samples: {results['grid']}; checkpoint: {results['checkpoint']}")
         print(f"validation metrics ({results['metrics']}):\n{results['metrics'].read_text()}", end="")
     return 0

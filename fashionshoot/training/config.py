@@ -21,7 +21,10 @@ DEFAULT_SYNTHETIC = SyntheticConfig(num_garments=40, lookbooks_per_garment=2, st
 
 @dataclass
 class DataConfig:
-    """Pairs to train on: ``manifest`` (``.jsonl``/``.parquet``), else the synthetic set generated into
+    """Pairs to train on: ``manifest`` (``.jsonl``/``.parquet``); or ``shards``, a folder of WebDataset pair
+    shards with its ``shards.json`` (streamed: no pass over the set before training, ``shuffle_buffer``
+    samples shuffled per DataLoader worker, exact resume; the test split is unpacked once into
+    ``<output_dir>/test-pairs`` for validation); else the synthetic set generated into
     ``<output_dir>/synthetic``. ``tier`` selects nested tiers ("medium" = high + medium);
     ``resolution`` is the lookbook ``(height, width)`` the model sees. ``slot_map`` maps a record's
     category to an outfit slot where the names differ (a category equal to a slot name maps to it).
@@ -31,6 +34,8 @@ class DataConfig:
     (the paper's tiers; nested, so "low" is every pair)."""
 
     manifest: str = ""
+    shards: str = ""
+    shuffle_buffer: int = 500
     synthetic: SyntheticConfig = field(default_factory=lambda: DEFAULT_SYNTHETIC)
     tier: str = "high"
     min_confidence: float | None = None
@@ -199,5 +204,11 @@ class PhotoshootTrainConfig:
         starts = [start for start, _ in self.data.curriculum]
         if starts and (starts[0] != 0 or starts != sorted(set(starts))):
             raise ConfigError(f"data.curriculum stages must start at step 0 and increase, got starts {starts}")
+        if self.data.manifest and self.data.shards:
+            raise ConfigError(f"data.manifest and data.shards name two sources of pairs; set one of them to \"\" (got "
+                              f"manifest={self.data.manifest!r}, shards={self.data.shards!r})")
+        if self.data.shuffle_buffer < 0 or self.data.num_workers < 0:
+            raise ConfigError(f"data.shuffle_buffer and data.num_workers must be >= 0, got "
+                              f"{self.data.shuffle_buffer} and {self.data.num_workers}")
         if any(v % 8 for v in self.data.resolution):
             raise ConfigError(f"data.resolution must be multiples of 8, got {list(self.data.resolution)}")

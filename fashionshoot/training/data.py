@@ -10,6 +10,7 @@ resumed run can start mid-epoch on exactly the batch the interrupted run would h
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from fashionshoot.data.records import PairRecord
 from fashionshoot.data.transforms import to_tensor
 from fashionshoot.errors import DataError
 from fashionshoot.training.config import DataConfig
+from fashionshoot.training.shard_batches import StreamProgress, fit_images, shard_batches, unpack_test_split
 
 
 def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord], Path]:
@@ -38,6 +40,57 @@ def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord]
     if not fresh:
         write_synthetic_set(root, config.synthetic, progress=True)
     return read_manifest(root / "pairs.jsonl"), root
+
+
+@dataclass
+class TrainingPairs:
+    """A run's pairs: all ``records`` of a manifest (or the synthetic set) under ``root``, read by index; or,
+    with ``data.shards``, a stream whose place is ``progress`` (checkpointed per rank) and no records.
+    Either way the test split is records on disk (``test_records`` under ``test_root``) for validation."""
+
+    config: DataConfig
+    records: list[PairRecord]
+    root: Path
+    test_records: list[PairRecord]
+    test_root: Path
+    progress: StreamProgress | None = None
+
+    def fit_images(self, seed: int, limit: int) -> list[Image.Image]:
+        """Training images to fit a tiny VAE on."""
+        from fashionshoot.pipelines.tiny_pretraining import training_images
+
+        if self.progress is not None:
+            return fit_images(self.config, seed, limit)
+        return training_images(select(self.records, self.config, self.config.train_split), self.root)[:limit]
+
+    def batches_at(self, collator: PhotoshootCollator, batch_size: int, seed: int, rank: int, world: int,
+                   step: int, grad_accum: int) -> tuple[int, Iterator[dict[str, Any]]]:
+        """The curriculum stage in force at optimizer ``step`` and this rank's batches from there on."""
+        if self.progress is None:
+            return stage_batches(self.records, self.root, self.config, collator, batch_size, seed, rank, world,
+                                 step, grad_accum)
+        index, start, tier = curriculum_stage(self.config, step)
+        return index, shard_batches(self.config, index, tier, collator, batch_size, seed, rank, world,
+                                    self.progress, (step - start) * grad_accum)
+
+
+#: Where a shard-streaming run unpacks its test split, under ``output_dir``.
+TEST_PAIRS_DIR = "test-pairs"
+
+
+def load_pairs(config: DataConfig, output_dir: Path) -> TrainingPairs:
+    """The run's pairs; generates the synthetic set or unpacks the shards' test split on first use (call on
+    the main process first)."""
+    if config.shards:
+        manifest = unpack_test_split(config, output_dir / TEST_PAIRS_DIR)
+        test = read_manifest(manifest)
+        if not test:
+            raise DataError(f"{config.shards}: no pairs in split {config.test_split!r} at tier {config.tier!r} "
+                            f"(min_confidence {config.min_confidence}) to validate on")
+        return TrainingPairs(config, [], Path(config.shards), test, manifest.parent,
+                             StreamProgress(max(1, config.num_workers)))
+    records, root = load_records(config, output_dir)
+    return TrainingPairs(config, records, root, select(records, config, config.test_split), root)
 
 
 def select(records: Sequence[PairRecord], config: DataConfig, split: str, tier: str | None = None) -> list[PairRecord]:

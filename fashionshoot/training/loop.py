@@ -48,10 +48,9 @@ from fashionshoot.training.config import (
 )
 from fashionshoot.training.data import (
     PhotoshootCollator,
+    TrainingPairs,
     curriculum_stage,
-    load_records,
-    select,
-    stage_batches,
+    load_pairs,
 )
 from fashionshoot.training.randomness import SampleRandomness
 from fashionshoot.training.validation import ValidationResult, settings_from, validate
@@ -265,12 +264,11 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     return (per_sample * weight).sum() / weight_norm
 
 
-def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
-    """Generate the synthetic set and the base pipeline if needed (main process only); the base path.
+def _prepare_inputs(config: PhotoshootTrainConfig, out: Path, pairs: TrainingPairs) -> Path:
+    """Build the base pipeline if needed (main process only); the base path.
 
     The base is built in a temporary folder and renamed into place, so a run killed while fitting the
     tiny VAE leaves no half-made base that a rerun would take as finished."""
-    records, root = load_records(config.data, out)
     if config.model.pretrained:
         return Path(config.model.pretrained)
     base = out / "base"
@@ -286,12 +284,12 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path) -> Path:
         pipe.save_pretrained(str(building))
     else:
         from fashionshoot.pipelines.tiny_pretraining import (
+            MAX_FIT_IMAGES,
             save_pretrained_tiny_photoshoot_pipeline,
-            training_images,
         )
 
         steps = config.model.tiny_vae_steps
-        images = training_images(select(records, config.data, config.data.train_split), root) if steps else []
+        images = pairs.fit_images(config.seed, MAX_FIT_IMAGES) if steps else []
         save_pretrained_tiny_photoshoot_pipeline(building, images, resolution=tuple(config.data.resolution),
                                                  vae_steps=steps, seed=config.seed, progress=True,
                                                  conditioning=config.model.conditioning)
@@ -583,8 +581,9 @@ def _forget_accelerate_state(keep_processes: bool) -> None:
 
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch),
-    ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the paths of
-    the last checkpoint, the pipeline folder and the sample grid."""
+    ``skipped`` (bad samples this rank's shard stream skipped in this process, by reason), ``main_process``
+    (whether this process wrote the outputs and ``validation`` metrics) and the paths of the last
+    checkpoint, the pipeline folder and the sample grid."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
     from diffusers import DDPMScheduler
@@ -619,20 +618,21 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out)
         with whole_models(accelerator):
-            _prepare_inputs(config, out)
+            _prepare_inputs(config, out, load_pairs(config.data, out))
     accelerator.wait_for_everyone()
-    base = _prepare_inputs(config, out)  # now only finds what the main process wrote
-    records, root = load_records(config.data, out)
-    test_records = select(records, config.data, config.data.test_split)
+    pairs = load_pairs(config.data, out)  # now only reads what the main process wrote
+    base = _prepare_inputs(config, out, pairs)
 
     trainee = _build(config, base, accelerator)
+    if pairs.progress is not None:  # a stream's place is state, saved by every rank
+        trainee.per_rank["data"] = pairs.progress
     pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
 
     def batches_at(step: int) -> tuple[int, Any]:
-        return stage_batches(records, root, config.data, collator, config.optim.batch_size, config.seed,
-                             accelerator.process_index, accelerator.num_processes, step, config.optim.grad_accum)
+        return pairs.batches_at(collator, config.optim.batch_size, config.seed, accelerator.process_index,
+                                accelerator.num_processes, step, config.optim.grad_accum)
 
     resolved = to_dict(config)
     state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank) if resume else TrainerState()
@@ -699,15 +699,19 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         losses[state.step] = accelerator.reduce(total, "mean").item()
         progress.set_postfix(loss=f"{losses[state.step]:.4f}")
         if state.step % config.log_every == 0:
-            accelerator.log({"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
-                             "nan_steps": state.nan_steps}, step=state.step)
+            logged = {"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
+                      "nan_steps": state.nan_steps}
+            if pairs.progress is not None:
+                logged["skipped_samples"] = sum(pairs.progress.skipped().values())
+            accelerator.log(logged, step=state.step)
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep, trainee.per_rank)
         every = config.validation.every
         if every and state.step % every == 0 and state.step < config.optim.max_steps:  # the end validates anyway
             with averaged_weights(trainee), trainee.whole.pipeline() as current:  # every rank: sharded runs gather
                 if current is not None:
-                    metrics = run_validation(current, config, test_records, root, out, state.step, encoder).metrics
+                    metrics = run_validation(current, config, pairs.test_records, pairs.test_root, out, state.step,
+                                             encoder).metrics
                     accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=state.step)
             accelerator.wait_for_everyone()
     progress.close()
@@ -715,7 +719,11 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         found = checkpoints(out)
         last_checkpoint = found[-1] if found else None
 
-    results: dict[str, Any] = {"step": state.step, "nan_steps": state.nan_steps, "losses": losses,
+    skipped = dict(pairs.progress.skipped()) if pairs.progress is not None else {}
+    if skipped:  # each rank streams its own part: each says what it skipped (the worker logs say where)
+        print(f"rank {accelerator.process_index}: skipped {sum(skipped.values())} bad training sample(s) while "
+              f"streaming: {skipped}", flush=True)
+    results: dict[str, Any] = {"step": state.step, "nan_steps": state.nan_steps, "losses": losses, "skipped": skipped,
                                "main_process": accelerator.is_main_process,
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
@@ -729,7 +737,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             final_pipe.unet.register_to_config(sample_size=[height // final_pipe.vae_scale_factor,
                                                             width // final_pipe.vae_scale_factor])
             final_pipe.save_pretrained(str(results["pipeline"]))
-            final = run_validation(final_pipe, config, test_records, root, out, state.step, encoder)
+            final = run_validation(final_pipe, config, pairs.test_records, pairs.test_root, out, state.step, encoder)
             final.grid(config.validation.grid_rows).save(results["grid"])
             results["validation"] = final.metrics
             accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)

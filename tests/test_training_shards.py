@@ -1,0 +1,80 @@
+"""Training batches streamed from pair shards: endless per-worker epochs, exact resume, skipped samples."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pairs import make_pair_set
+from test_shards import FAULTS
+
+from fashionshoot.data.records import PairRecord
+from fashionshoot.data.shards import write_pair_shards
+from fashionshoot.errors import ConfigError, DataError
+from fashionshoot.training.config import DataConfig
+from fashionshoot.training.shard_batches import StreamProgress, shard_batches
+
+N_PAIRS = 12
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> list[PairRecord]:
+    return make_pair_set(tmp_path / "images", N_PAIRS)
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path, pairs: list[PairRecord]) -> Path:
+    """Three shards of four pairs (the layout tests/test_shards.py's faults expect); 10 are split "train"."""
+    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4)
+    return tmp_path / "shards"
+
+
+def pair_ids(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """A collator for the stream's mechanics: only which pairs, in order (module level: workers pickle it)."""
+    return {"pair_ids": tuple(s["record"].pair_id for s in samples)}
+
+
+def draw(config: DataConfig, progress: StreamProgress, n: int, already: int = 0) -> list[tuple[str, ...]]:
+    batches = shard_batches(config, 0, "low", pair_ids, 2, 7, 0, 1, progress, already)
+    return [batch["pair_ids"] for batch in itertools.islice(batches, n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_draws_what_the_uninterrupted_one_would(shard_dir: Path, pairs: list[PairRecord],
+                                                                 workers: int) -> None:
+    """2 workers get unequal parts (two shards vs one), so their epochs wrap at different batches; stopping
+    after an odd number of batches makes the resumed loader start with the second worker's turn."""
+    config = DataConfig(shards=str(shard_dir), tier="low", num_workers=workers, shuffle_buffer=3)
+    straight = draw(config, StreamProgress(max(1, workers)), 14)
+    train = {r.pair_id for r in pairs if r.split == "train"}
+    seen = Counter(i for batch in straight for i in batch)
+    assert set(seen) == train and min(seen.values()) >= 2  # 28 samples of 10 pairs: every epoch is whole
+    for stop in (5, 9):
+        interrupted = StreamProgress(max(1, workers))
+        assert draw(config, interrupted, stop) == straight[:stop]
+        resumed = StreamProgress(max(1, workers))
+        resumed.load_state_dict(interrupted.state_dict())
+        assert draw(config, resumed, 14 - stop, already=stop) == straight[stop:]
+
+    with pytest.raises(DataError, match="saved progress has 14 batches in stage 0, the step count says 4"):
+        draw(config, resumed, 1, already=4)
+    other = StreamProgress(3)
+    with pytest.raises(ConfigError, match=r"read by 2 DataLoader worker\(s\).*data.num_workers=2"):
+        other.load_state_dict(StreamProgress(2).state_dict())
+
+
+def test_bad_samples_are_skipped_and_counted_and_an_empty_stream_is_named(shard_dir: Path) -> None:
+    FAULTS["corrupt image"][0](shard_dir)  # p0001, a training pair
+    config = DataConfig(shards=str(shard_dir), tier="low", num_workers=2, shuffle_buffer=3)
+    progress = StreamProgress(2)
+    drawn = [i for batch in draw(config, progress, 10) for i in batch]
+    assert "p0001" not in drawn and len(set(drawn)) == 9
+    epochs = {epoch for epoch, _ in progress.positions}
+    assert 1 <= progress.skipped()["corrupt image"] <= 2 * (max(epochs) + 1) and set(progress.skipped()) == {"corrupt image"}
+
+    nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
+    with pytest.raises(DataError, match=r"rank 0 worker 0 found no usable sample in epoch 0"):
+        draw(nothing, StreamProgress(1), 1)
