@@ -60,7 +60,7 @@ class StreamProgress:
     stage: int = 0
     batches: int = 0
     positions: list[list[int]] = field(default_factory=list)
-    _skipped: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict, repr=False)
+    _skipped: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.positions:
