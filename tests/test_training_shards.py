@@ -37,8 +37,10 @@ def pair_ids(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pair_ids": tuple(s["record"].pair_id for s in samples)}
 
 
-def draw(config: DataConfig, progress: StreamProgress, n: int, already: int = 0) -> list[tuple[str, ...]]:
-    batches = shard_batches(config, 0, "low", pair_ids, 2, 7, 0, 1, progress, already)
+def draw(config: DataConfig, progress: StreamProgress, n: int, already: int = 0, stage: int = 0,
+         tier: str = "low") -> list[tuple[str, ...]]:
+    """``n`` batches of 2 (seed 7, one process) of curriculum ``stage`` at ``tier``, ``already`` drawn before."""
+    batches = shard_batches(config, stage, tier, pair_ids, 2, 7, 0, 1, progress, already)
     return [batch["pair_ids"] for batch in itertools.islice(batches, n)]
 
 
@@ -78,3 +80,17 @@ def test_bad_samples_are_skipped_and_counted_and_an_empty_stream_is_named(shard_
     nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
     with pytest.raises(DataError, match=r"rank 0 worker 0 found no usable sample in epoch 0"):
         draw(nothing, StreamProgress(1), 1)
+
+
+def test_a_curriculum_stage_starts_its_own_stream_even_from_a_checkpoint_of_the_previous_stage(
+        shard_dir: Path, pairs: list[PairRecord]) -> None:
+    config = DataConfig(shards=str(shard_dir), tier="low", num_workers=0, shuffle_buffer=3)
+    progress = StreamProgress(1)
+    draw(config, progress, 3)
+    saved = progress.state_dict()  # a checkpoint written at the last step of stage 0
+    resumed = StreamProgress(1)
+    resumed.load_state_dict(saved)
+    high = draw(config, resumed, 3, stage=1, tier="high")
+    assert {r.tier for r in pairs if r.pair_id in {i for batch in high for i in batch}} == {"high"}
+    assert resumed.stage == 1 and resumed.batches == 3
+    assert draw(config, StreamProgress(1), 3, stage=1, tier="high") == high  # as if entered without a restart

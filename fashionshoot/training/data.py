@@ -3,8 +3,10 @@
 The collator does all per-sample image work in DataLoader workers: lookbook pixels for the VAE
 target, the garment twice (image-encoder pixels for cross-attention, VAE pixels for the reference
 path), the slot each garment fills, pose keypoints rescaled to the training resolution, caption and
-confidence weight. The order of samples is :class:`EpochBatchSampler`'s, not accelerate's, so a
-resumed run can start mid-epoch on exactly the batch the interrupted run would have drawn next.
+confidence weight. The order of a manifest's samples is :class:`EpochBatchSampler`'s, not accelerate's,
+so a resumed run can start mid-epoch on exactly the batch the interrupted run would have drawn next;
+shards are streamed by :mod:`fashionshoot.training.shard_batches`, which checkpoints its place instead.
+:func:`load_pairs` picks the source.
 """
 
 from __future__ import annotations
