@@ -143,6 +143,27 @@ def test_bad_inputs_raise_clear_errors(pipe):
         _run(pipe, [{"top": TOP}, {"top": BAG}], prompt=["a", "b", "c"])
 
 
+def test_replaced_attention_processors_are_refused_and_xformers_keeps_them(folder, caplog):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from fashionshoot.errors import ConfigError
+    from fashionshoot.models.garment_adapter import install_garment_attention
+
+    pipe = load_photoshoot_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    with caplog.at_level("WARNING", logger="fashionshoot.pipelines.photoshoot"):
+        pipe.enable_xformers_memory_efficient_attention()  # would install processors that ignore the garment
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+    assert "keeps its garment attention processors" in caplog.text
+    expected = _run(pipe, {"top": TOP})
+    pipe.unet.set_attn_processor(AttnProcessor2_0())  # (diffusers' set_default_attn_processor refuses ours)
+    with pytest.raises(ConfigError, match=r"not garment processors .*AttnProcessor.*install_garment_attention"):
+        _run(pipe, {"top": TOP})
+    install_garment_attention(pipe.unet)
+    assert np.array_equal(_run(pipe, {"top": TOP}), expected)
+
+
 def test_textual_inversion_token_as_negative_prompt(folder):
     pipe = load_photoshoot_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)

@@ -10,6 +10,7 @@ channels. Guidance has two scales (text and garment), see :mod:`fashionshoot.mod
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 from fashionshoot.errors import ConfigError, DataError
-from fashionshoot.models.attention import CONTROLS_KEY
+from fashionshoot.models.attention import CONTROLS_KEY, FashionAttnProcessor
 from fashionshoot.models.garment_adapter import GarmentAdapter, install_garment_attention
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
 from fashionshoot.models.guidance import BRANCH_CONDITIONS, combine_guidance, guidance_branches
@@ -38,6 +39,7 @@ from fashionshoot.models.unet_inputs import UNetInputs, inpaint_inputs
 from fashionshoot.weights import load_pretrained, resolve_pretrained
 
 Keypoints = np.ndarray | Sequence[Sequence[float]] | Sequence[float]
+logger = logging.getLogger(__name__)
 
 
 def _as_list(value: Any, is_batch: bool) -> list[Any]:
@@ -186,6 +188,28 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                 raise DataError(f"garment in slot {slot!r} is a {type(garment).__name__}; expected a PIL image or None")
         return outfit
 
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
+        """Keep the garment processors (``enable_xformers_memory_efficient_attention`` lands here).
+
+        diffusers would replace every attention processor with its xformers one, which knows no garment
+        conditioning: the pipeline would then generate as if no garment were given. The installed
+        processors already run ``scaled_dot_product_attention``, whose memory-efficient and flash kernels
+        a GPU uses without xformers, so the request is already met."""
+        logger.warning("PhotoshootPipeline keeps its garment attention processors: they already use "
+                       "torch's memory-efficient scaled_dot_product_attention (xformers processors would "
+                       "drop the garment conditioning)")
+
+    def _check_processors(self) -> None:
+        """Refuse to generate when the UNet's processors were replaced (``unet.set_attn_processor(...)``): the
+        garment controls would be ignored, with at most a warning."""
+        foreign = {name: type(p).__name__ for name, p in self.unet.attn_processors.items()
+                   if not isinstance(p, FashionAttnProcessor)}
+        if foreign:
+            name, kind = next(iter(foreign.items()))
+            raise ConfigError(f"{len(foreign)} UNet attention processor(s) are not garment processors (e.g. {name}: "
+                              f"{kind}), so the garment would be ignored; reinstall them with "
+                              "fashionshoot.models.garment_adapter.install_garment_attention(pipe.unet)")
+
     def _step_kwargs(self, generator: torch.Generator | list[torch.Generator] | None) -> dict[str, Any]:
         accepts = set(inspect.signature(self.scheduler.step).parameters)
         return {"generator": generator} if "generator" in accepts else {}
@@ -221,6 +245,7 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         mask region, one or one per sample. ``same_noise`` gives every sample the same starting noise, so samples differ only by
         their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`).
         """
+        self._check_processors()
         height, width = height or self.default_size[0], width or self.default_size[1]
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise DataError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
