@@ -99,7 +99,8 @@ def synthetic_batch(config: Any, pipe: Any, batch_size: int) -> tuple[dict[str, 
         style = next(iter(lookbook.images))
         record = pair_record(garment, lookbook, data.split(i), "g.png", {style: "l.png"})
         samples.append(spec.sample(record, data.render_garment(garment), lookbook.images[style]))
-    collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
+    collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution,
+                                  pipe.garment_adapter.config.conditioning)
     start = time.perf_counter()
     batch = collator(samples)
     return batch, (time.perf_counter() - start) * 1e3

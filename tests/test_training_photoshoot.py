@@ -380,6 +380,10 @@ def test_collated_garment_box_is_in_training_pixels() -> None:
     boxes = collator([sample((6.0, 10.0, 30.0, 50.0)), sample(None)])["garment_box"]
     assert torch.equal(boxes[0], torch.tensor([3.0, 5.0, 15.0, 25.0]))  # lookbook 64x48 -> training 32x24
     assert torch.isnan(boxes[1]).all()
+    reads = {c: {"garment_clip", "garment_vae"} & set(PhotoshootCollator(processor, OUTFIT_SLOTS, {}, (32, 24), c)([sample(None)]))
+             for c in ("cross_attention", "reference", "both")}
+    assert reads == {"cross_attention": {"garment_clip"}, "reference": {"garment_vae"},
+                     "both": {"garment_clip", "garment_vae"}}  # only what the adapter reads is built
 
 
 def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[str]) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from fashionshoot.data.transforms import to_tensor
 from fashionshoot.errors import DataError
 from fashionshoot.training.config import DataConfig
 from fashionshoot.training.shard_batches import StreamProgress, fit_images, shard_batches, unpack_test_split
+
+if TYPE_CHECKING:
+    from fashionshoot.models.garment_adapter import Conditioning
 
 
 def load_records(config: DataConfig, output_dir: Path) -> tuple[list[PairRecord], Path]:
@@ -144,18 +147,20 @@ def _box(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> li
 class PhotoshootCollator:
     """DataLoader ``collate_fn`` for :class:`PairManifestDataset` samples holding PIL images.
 
-    Returns ``lookbook`` and ``garment_vae`` ``(B, 3, H, W)`` in ``[-1, 1]``, ``garment_clip`` (image
-    processor output), ``slot_mask`` ``(B, S)`` with one garment per sample, ``keypoints`` (list,
-    ``None`` where missing), ``garment_box`` ``(B, 4)`` (training pixels, NaN rows where missing),
-    ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
+    Returns ``lookbook`` ``(B, 3, H, W)`` in ``[-1, 1]``; the garment as the adapter's ``conditioning``
+    reads it: ``garment_clip`` (image processor output, cross-attention) and/or ``garment_vae``
+    (``(B, 3, H, W)`` in ``[-1, 1]``, reference); ``slot_mask`` ``(B, S)`` with one garment per sample,
+    ``keypoints`` (list, ``None`` where missing), ``garment_box`` ``(B, 4)`` (training pixels, NaN rows
+    where missing), ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
     """
 
     def __init__(self, image_processor: Any, slots: Sequence[str], slot_map: Mapping[str, str],
-                 resolution: tuple[int, int]) -> None:
+                 resolution: tuple[int, int], conditioning: Conditioning = "both") -> None:
         self.image_processor = image_processor
         self.slots = tuple(slots)
         self.slot_map = dict(slot_map)
         self.resolution = (int(resolution[0]), int(resolution[1]))
+        self.conditioning = conditioning
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         records: list[PairRecord] = [s["record"] for s in samples]
@@ -163,10 +168,14 @@ class PhotoshootCollator:
         slot_mask = torch.zeros(len(samples), len(self.slots), dtype=torch.bool)
         for i, record in enumerate(records):
             slot_mask[i, category_slot(record.category, self.slots, self.slot_map)] = True
+        garment: dict[str, torch.Tensor] = {}
+        if self.conditioning != "reference":
+            garment["garment_clip"] = self.image_processor(images=garments, return_tensors="pt").pixel_values
+        if self.conditioning != "cross_attention":
+            garment["garment_vae"] = vae_pixels(garments, self.resolution)
         return {
             "lookbook": vae_pixels([s["lookbook"] for s in samples], self.resolution),
-            "garment_vae": vae_pixels(garments, self.resolution),
-            "garment_clip": self.image_processor(images=garments, return_tensors="pt").pixel_values,
+            **garment,
             "slot_mask": slot_mask,
             "keypoints": [_keypoints(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
             "garment_box": torch.tensor([_box(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],

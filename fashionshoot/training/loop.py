@@ -628,7 +628,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         trainee.per_rank["data"] = pairs.progress
     pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution)
+    collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution,
+                                  pipe.garment_adapter.config.conditioning)
 
     def batches_at(step: int) -> tuple[int, Any]:
         return pairs.batches_at(collator, config.optim.batch_size, config.seed, accelerator.process_index,
