@@ -94,3 +94,17 @@ def test_a_curriculum_stage_starts_its_own_stream_even_from_a_checkpoint_of_the_
     assert {r.tier for r in pairs if r.pair_id in {i for batch in high for i in batch}} == {"high"}
     assert resumed.stage == 1 and resumed.batches == 3
     assert draw(config, StreamProgress(1), 3, stage=1, tier="high") == high  # as if entered without a restart
+
+
+def test_the_test_split_is_unpacked_once_and_again_when_the_shards_change(tmp_path: Path, shard_dir: Path,
+                                                                          pairs: list[PairRecord]) -> None:
+    from fashionshoot.data.pairs import read_manifest
+    from fashionshoot.training.shard_batches import unpack_test_split
+
+    config = DataConfig(shards=str(shard_dir), tier="low", test_split="val")
+    manifest = unpack_test_split(config, tmp_path / "test-pairs")
+    assert [r.pair_id for r in read_manifest(manifest)] == [r.pair_id for r in pairs if r.split == "val"]
+    written = manifest.stat().st_mtime_ns
+    assert unpack_test_split(config, tmp_path / "test-pairs").stat().st_mtime_ns == written  # reused
+    write_pair_shards(pairs[:9], tmp_path / "images", shard_dir, samples_per_shard=4)  # the set changed
+    assert [r.pair_id for r in read_manifest(unpack_test_split(config, tmp_path / "test-pairs"))] == ["p0004"]

@@ -21,6 +21,7 @@ happen and counted by :meth:`StreamProgress.skipped` for the run's log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fashionshoot.data.pairs import PairFilter, SampleSpec
-from fashionshoot.data.shards import PairShardStream
+from fashionshoot.data.shards import INDEX_NAME, PairShardStream, ShardIndex
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.training.config import DataConfig
 
@@ -186,13 +187,15 @@ def fit_images(config: DataConfig, seed: int, limit: int) -> list[Image.Image]:
 
 def unpack_test_split(config: DataConfig, out_dir: Path) -> Path:
     """The test split of ``data.shards`` as a manifest under ``out_dir`` (unpacked once, reused while the
-    shards and filter are the same): validation draws pairs by index, which a stream cannot."""
+    shard index and the filter are the same): validation draws pairs by index, which a stream cannot."""
     selection = PairFilter(config.tier, min_confidence=config.min_confidence, split=config.test_split)
-    source = {"shards": str(Path(config.shards).resolve()), "filter": repr(selection)}
+    index = ShardIndex.load(config.shards)
+    source = {"shards": str(index.root.resolve()), "filter": repr(selection),
+              "index": hashlib.sha256((index.root / INDEX_NAME).read_bytes()).hexdigest()}
     marker = out_dir / "source.json"
     manifest = out_dir / "pairs.jsonl"
     if manifest.is_file() and marker.is_file() and json.loads(marker.read_text()) == source:
         return manifest
-    manifest = PairShardStream(Path(config.shards), select=selection, rank=0, world_size=1).unpack(out_dir)
+    manifest = PairShardStream(index, select=selection, rank=0, world_size=1).unpack(out_dir)
     marker.write_text(json.dumps(source) + "\n")
     return manifest
