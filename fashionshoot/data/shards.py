@@ -440,7 +440,7 @@ class PairShardStream(IterableDataset):
         For the part of a streamed set that needs random access, such as a training run's test split. Image
         bytes are copied as stored (``images/<pair_id>.garment.jpg``, ...) after checking that they decode;
         bad samples are skipped and counted in :attr:`faults` as when streaming. The folder is filled under
-        a temporary name and renamed, so an interrupted unpack never looks complete.
+        a temporary name and renamed, replacing ``out_dir``, so an interrupted unpack never looks complete.
         """
         from fashionshoot.data.pairs import write_manifest
 

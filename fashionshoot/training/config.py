@@ -22,8 +22,8 @@ DEFAULT_SYNTHETIC = SyntheticConfig(num_garments=40, lookbooks_per_garment=2, st
 @dataclass
 class DataConfig:
     """Pairs to train on: ``manifest`` (``.jsonl``/``.parquet``); or ``shards``, a folder of WebDataset pair
-    shards with its ``shards.json`` (streamed: no pass over the set before training, ``shuffle_buffer``
-    samples shuffled per DataLoader worker, exact resume; the test split is unpacked once into
+    shards with its ``shards.json`` (streamed in endless per-worker epochs through a ``shuffle_buffer``,
+    resumed exactly; before the first step one read of the shards unpacks the test split into
     ``<output_dir>/test-pairs`` for validation); else the synthetic set generated into
     ``<output_dir>/synthetic``. ``tier`` selects nested tiers ("medium" = high + medium);
     ``resolution`` is the lookbook ``(height, width)`` the model sees. ``slot_map`` maps a record's
