@@ -203,8 +203,7 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
         if garment not in garments:
             garments.add(garment)
             pair.garment.save(out / "garments" / f"{garment}.png")
-        caption = str(pair.record.metadata.get("caption", "")) if config.pair_prompts == "caption" else ""
-        rows.append({"generated": stem, "reference": stem, "category": pair.record.category, "caption": caption,
+        rows.append({"generated": stem, "reference": stem, "category": pair.record.category, "caption": pair.prompt,
                      "garment": garment})
         written.append(out / "generated" / f"{stem}.png")
     with open(out / "pairs.csv", "w", newline="") as fh:

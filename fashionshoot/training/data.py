@@ -125,14 +125,20 @@ def vae_pixels(images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Te
                         for img in images])
 
 
-def _keypoints(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> np.ndarray | None:
-    """Keypoints in training-resolution pixels (records store them in the source lookbook's pixels)."""
+def keypoints_at(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> np.ndarray | None:
+    """The record's keypoints in ``size`` ``(H, W)`` pixels (records store them in the source lookbook's
+    pixels); None when it has none."""
     if record.keypoints is None:
         return None
     kp = np.asarray(record.keypoints, dtype=np.float32).copy()
     kp[:, 0] *= size[1] / lookbook.width
     kp[:, 1] *= size[0] / lookbook.height
     return kp
+
+
+def caption(record: PairRecord) -> str:
+    """The record's caption (the scene/style prompt it trains with), ``""`` when it has none."""
+    return str(record.metadata.get("caption", ""))
 
 
 def _box(record: PairRecord, lookbook: Image.Image, size: tuple[int, int]) -> list[float]:
@@ -177,10 +183,10 @@ class PhotoshootCollator:
             "lookbook": vae_pixels([s["lookbook"] for s in samples], self.resolution),
             **garment,
             "slot_mask": slot_mask,
-            "keypoints": [_keypoints(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
+            "keypoints": [keypoints_at(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
             "garment_box": torch.tensor([_box(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
                                         dtype=torch.float32),
-            "prompts": [str(r.metadata.get("caption", "")) for r in records],
+            "prompts": [caption(r) for r in records],
             "weight": torch.tensor([s["weight"] for s in samples], dtype=torch.float32),
             "pair_ids": [r.pair_id for r in records],
         }

@@ -217,57 +217,54 @@ def _crop(image: Image.Image, box: tuple[int, int, int, int] | None) -> Image.Im
 @dataclass
 class GeneratedPair:
     """One generation of :func:`generate_pairs`: the test ``record``, its product shot ``garment`` and
-    source ``lookbook`` (RGB, as read) and the generated ``image``."""
+    source ``lookbook`` (RGB, as read), the ``prompt`` it was generated with and the generated ``image``."""
 
     record: PairRecord
     garment: Image.Image
     lookbook: Image.Image
+    prompt: str
     image: Image.Image
 
 
 def generate_pairs(pipe: Any, records: Sequence[PairRecord], root: str | Path,
-                   settings: ValidationSettings | None = None, image_processor: Any = None) -> Iterator[GeneratedPair]:
+                   settings: ValidationSettings | None = None) -> Iterator[GeneratedPair]:
     """Generate one image per record, in order and in batches of ``settings.batch_size``: the record's
     garment in its slot, its pose, and an empty prompt or its caption (``settings.prompts``), at
     ``settings.resolution``, seeded by ``settings.seed`` (the same images however they are consumed).
 
-    Image paths are relative to ``root``. ``image_processor`` defaults to ``pipe.feature_extractor`` (only
-    used to collate the batch). The pipeline's progress bar and the global RNG are left as they are.
+    Image paths are relative to ``root``. The pipeline's progress bar and the global RNG are left as they are.
     """
     from fashionshoot.data.pairs import PairManifestDataset
-    from fashionshoot.training.data import PhotoshootCollator, category_slot
+    from fashionshoot.training.data import caption, category_slot, keypoints_at
 
     settings = settings or ValidationSettings()
     height, width = settings.resolution
-    collator = PhotoshootCollator(image_processor or pipe.feature_extractor, pipe.slots, settings.slot_map,
-                                  settings.resolution)
     dataset = PairManifestDataset(list(records), root)
     guidance_text = settings.guidance_garment if settings.prompts == "empty" else settings.guidance_text
     generator = torch.Generator().manual_seed(settings.seed)
     for start in range(0, len(dataset), settings.batch_size):
         samples = [dataset[i] for i in range(start, min(start + settings.batch_size, len(dataset)))]
-        batch = collator(samples)
         outfits = [{pipe.slots[category_slot(s["record"].category, pipe.slots, settings.slot_map)]: s["garment"]}
                    for s in samples]
-        prompts = batch["prompts"] if settings.prompts == "caption" else [""] * len(samples)
-        images = pipe(garments=outfits, keypoints=batch["keypoints"], prompt=prompts, height=height, width=width,
+        keypoints = [keypoints_at(s["record"], s["lookbook"], settings.resolution) for s in samples]
+        prompts = [caption(s["record"]) if settings.prompts == "caption" else "" for s in samples]
+        images = pipe(garments=outfits, keypoints=keypoints, prompt=prompts, height=height, width=width,
                       num_inference_steps=settings.steps, guidance_scale_text=guidance_text,
                       guidance_scale_garment=settings.guidance_garment, generator=generator).images
-        for sample, image in zip(samples, images, strict=True):
+        for sample, prompt, image in zip(samples, prompts, images, strict=True):
             yield GeneratedPair(sample["record"], sample["garment"].convert("RGB"), sample["lookbook"].convert("RGB"),
-                                image)
+                                prompt, image)
 
 
 def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, settings: ValidationSettings | None = None,
-             encoder: Any = None, image_processor: Any = None) -> ValidationResult:
+             encoder: Any = None) -> ValidationResult:
     """Generate one image per selected test pair with ``pipe`` (:func:`generate_pairs`) and measure
     fidelity and pose following.
 
     ``records``: the test pairs (all of them form the gallery, ``settings.num_pairs`` are generated),
     image paths relative to ``root``. ``encoder``: anything with ``embed_images(list[PIL]) -> (N, D)``
-    (default: ``HistogramEncoder(bins=6)``). ``image_processor`` defaults to ``pipe.feature_extractor``
-    (only used to collate the batch). The pipeline's progress bar and RNG state are left as they are
-    except for the seeded generator passed to it.
+    (default: ``HistogramEncoder(bins=6)``). The pipeline's progress bar and RNG state are left as they
+    are except for the seeded generator passed to it.
     """
     from fashionshoot.retrieval.encoders import HistogramEncoder
 
@@ -283,7 +280,7 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
     garments: list[Image.Image] = []
     lookbooks: list[Image.Image] = []
     boxes: list[tuple[int, int, int, int] | None] = []
-    for pair in generate_pairs(pipe, chosen, root, settings, image_processor):
+    for pair in generate_pairs(pipe, chosen, root, settings):
         images.append(pair.image)
         garments.append(pair.garment)
         lookbooks.append(pair.lookbook.resize((width, height), Image.Resampling.BICUBIC))
