@@ -40,3 +40,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: Pairs in the ``pairs`` fixture, which ``shard_dir`` writes as three shards of four.
+SHARD_SET_SIZE = 12
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> list:
+    """``SHARD_SET_SIZE`` small pairs (tests/test_pairs.py's ``make_pair_set``) under ``tmp_path/images``."""
+    from test_pairs import make_pair_set
+
+    return make_pair_set(tmp_path / "images", SHARD_SET_SIZE)
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path, pairs: list) -> Path:
+    """``pairs`` as three shards of four: p0000-p0003, p0004-p0007, p0008-p0011 (the shard tests' layout)."""
+    from fashionshoot.data.shards import write_pair_shards
+
+    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4)
+    return tmp_path / "shards"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from test_pairs import make_pair_set
+from conftest import SHARD_SET_SIZE
 
 from fashionshoot.data.pairs import PairFilter, SampleSpec, collate_pairs
 from fashionshoot.data.records import PairRecord
@@ -28,19 +28,7 @@ from fashionshoot.data.shards import (
 )
 from fashionshoot.errors import DataError
 
-N_PAIRS = 12
-
-
-@pytest.fixture
-def pairs(tmp_path: Path) -> list[PairRecord]:
-    return make_pair_set(tmp_path / "images", N_PAIRS)
-
-
-@pytest.fixture
-def shard_dir(tmp_path: Path, pairs: list[PairRecord]) -> Path:
-    """Three shards of four pairs: p0000-p0003, p0004-p0007, p0008-p0011."""
-    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4)
-    return tmp_path / "shards"
+N_PAIRS = SHARD_SET_SIZE  # the ``pairs`` / ``shard_dir`` fixtures (tests/conftest.py)
 
 
 def ids(stream: PairShardStream) -> list[str]:

@@ -1,4 +1,7 @@
-"""Training batches streamed from pair shards: endless per-worker epochs, exact resume, skipped samples."""
+"""Training batches streamed from pair shards: endless per-worker epochs, exact resume, skipped samples.
+
+The ``pairs`` and ``shard_dir`` fixtures (tests/conftest.py) are the shard tests' three shards of four pairs.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_pairs import make_pair_set
 from test_shards import FAULTS
 
 from fashionshoot.data.records import PairRecord
@@ -16,20 +18,6 @@ from fashionshoot.data.shards import write_pair_shards
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.training.config import DataConfig
 from fashionshoot.training.shard_batches import StreamProgress, shard_batches
-
-N_PAIRS = 12
-
-
-@pytest.fixture
-def pairs(tmp_path: Path) -> list[PairRecord]:
-    return make_pair_set(tmp_path / "images", N_PAIRS)
-
-
-@pytest.fixture
-def shard_dir(tmp_path: Path, pairs: list[PairRecord]) -> Path:
-    """Three shards of four pairs (the layout tests/test_shards.py's faults expect); 10 are split "train"."""
-    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4)
-    return tmp_path / "shards"
 
 
 def pair_ids(samples: list[dict[str, Any]]) -> dict[str, Any]:
