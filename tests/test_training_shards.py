@@ -56,14 +56,28 @@ def test_a_resumed_stream_draws_what_the_uninterrupted_one_would(shard_dir: Path
         other.load_state_dict(StreamProgress(2).state_dict())
 
 
-def test_bad_samples_are_skipped_and_counted_and_an_empty_stream_is_named(shard_dir: Path) -> None:
+def test_bad_samples_are_skipped_and_counted_over_resumes_and_an_empty_stream_is_named(shard_dir: Path) -> None:
+    """A corrupt image is found when decoded (a resumed worker passes over its prefix undecoded), malformed
+    JSON when the shuffle buffer reads ahead (the prefix is read again): either way a resumed run's counts
+    must be the uninterrupted run's."""
     FAULTS["corrupt image"][0](shard_dir)  # p0001, a training pair
+    FAULTS["malformed json"][0](shard_dir)  # p0010, a training pair
     config = DataConfig(shards=str(shard_dir), tier="low", num_workers=2, shuffle_buffer=3)
     progress = StreamProgress(2)
-    drawn = [i for batch in draw(config, progress, 10) for i in batch]
-    assert "p0001" not in drawn and len(set(drawn)) == 9
+    drawn = [i for batch in draw(config, progress, 14) for i in batch]
+    assert not {"p0001", "p0010"} & set(drawn) and len(set(drawn)) == 8
     epochs = {epoch for epoch, _ in progress.positions}
-    assert 1 <= progress.skipped()["corrupt image"] <= 2 * (max(epochs) + 1) and set(progress.skipped()) == {"corrupt image"}
+    assert set(progress.skipped()) == {"corrupt image", "malformed json"}
+    assert all(2 <= n <= max(epochs) + 1 for n in progress.skipped().values())  # once per epoch passed
+    for stop in (3, 5, 9):
+        interrupted = StreamProgress(2)
+        draw(config, interrupted, stop)
+        resumed = StreamProgress(2)
+        resumed.load_state_dict(interrupted.state_dict())
+        draw(config, resumed, 14 - stop, already=stop)
+        assert resumed.skipped() == progress.skipped(), stop
+
+    nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
 
     nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
     with pytest.raises(DataError, match=r"rank 0 worker 0 found no usable sample in epoch 0"):
@@ -72,15 +86,21 @@ def test_bad_samples_are_skipped_and_counted_and_an_empty_stream_is_named(shard_
 
 def test_a_curriculum_stage_starts_its_own_stream_even_from_a_checkpoint_of_the_previous_stage(
         shard_dir: Path, pairs: list[PairRecord]) -> None:
+    FAULTS["corrupt image"][0](shard_dir)  # p0001: a low-tier pair, so only stage 0 meets it
     config = DataConfig(shards=str(shard_dir), tier="low", num_workers=0, shuffle_buffer=3)
     progress = StreamProgress(1)
-    draw(config, progress, 3)
+    draw(config, progress, 5)  # 10 samples: the whole first epoch (9 usable pairs) and one more
     saved = progress.state_dict()  # a checkpoint written at the last step of stage 0
     resumed = StreamProgress(1)
     resumed.load_state_dict(saved)
     high = draw(config, resumed, 3, stage=1, tier="high")
     assert {r.tier for r in pairs if r.pair_id in {i for batch in high for i in batch}} == {"high"}
     assert resumed.stage == 1 and resumed.batches == 3
+    assert progress.skipped()["corrupt image"] >= 1
+    assert resumed.skipped() == progress.skipped()  # stage 0's count is kept
+    again = StreamProgress(1)
+    again.load_state_dict(resumed.state_dict())  # and saved in stage 1's checkpoints
+    assert again.skipped() == progress.skipped()
     assert draw(config, StreamProgress(1), 3, stage=1, tier="high") == high  # as if entered without a restart
 
 

@@ -404,7 +404,8 @@ class PairShardStream(IterableDataset):
         sample in every run with the same data, seed, epoch, rank and worker; a sample skipped as corrupt
         keeps its number. The first ``skip`` positions are passed over without decoding their images: a
         resumed training run continues exactly where the interrupted one stopped
-        (:mod:`fashionshoot.training.shard_batches`).
+        (:mod:`fashionshoot.training.shard_batches`). :attr:`faults` then counts only what is found after
+        that place (the interrupted run counted the rest), however far ahead the shuffle buffer has read.
         """
         if not 0 <= worker < num_workers:
             raise DataError(f"worker {worker} is outside 0..{num_workers - 1}")
@@ -418,6 +419,8 @@ class PairShardStream(IterableDataset):
         delivered = 0
         for position, (raw, record) in enumerate(self._shuffled(selected, rng)):
             if position < skip:
+                if position == skip - 1:  # where the interrupted run stood when it handed this sample over
+                    self.faults = FaultReport()
                 continue
             sample = self._sample(raw, record)
             if sample is not None:

@@ -16,7 +16,9 @@ checkpoint (:class:`StreamProgress`):
   rotated by ``batches % workers`` so that the first batch comes from the worker whose turn it was.
 
 Samples skipped as bad (corrupt image, malformed record, truncated shard) are logged by the worker as they
-happen and counted by :meth:`StreamProgress.skipped` for the run's log.
+happen and counted by :meth:`StreamProgress.skipped` for the run's log. The counts are part of the place: a
+resumed run's counts continue the interrupted run's (faults before the place are neither decoded nor
+counted again), so a run's report is the same however often it was interrupted.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ MARK_KEY = "stream"
 @dataclass(frozen=True)
 class StreamMark:
     """Where a sample came from: the (logical) worker, its epoch, the position after the sample, and the
-    worker's skipped-sample counts so far in that epoch."""
+    worker's skipped-sample counts so far in this curriculum stage (all its epochs)."""
 
     worker: int
     epoch: int
@@ -54,40 +56,48 @@ class StreamMark:
 
 @dataclass
 class StreamProgress:
-    """One rank's place in its shard stream: the curriculum stage, the batches taken in it, and each
-    worker's ``[epoch, next position]``. Saved per rank in checkpoints (``state_dict``/``load_state_dict``)."""
+    """One rank's place in its shard stream: the curriculum stage, the batches taken in it, each worker's
+    ``[epoch, next position]`` and the bad samples each worker skipped up to it in this stage, and those
+    skipped in earlier stages. Saved per rank in checkpoints (``state_dict``/``load_state_dict``)."""
 
     workers: int
     stage: int = 0
     batches: int = 0
     positions: list[list[int]] = field(default_factory=list)
-    _skipped: dict[tuple[int, int], dict[str, int]] = field(default_factory=dict, init=False, repr=False)
+    worker_skipped: list[dict[str, int]] = field(default_factory=list)
+    earlier_skipped: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.positions:
-            self.positions = [[0, 0] for _ in range(self.workers)]
+            self._start_stage()
+
+    def _start_stage(self) -> None:
+        self.positions = [[0, 0] for _ in range(self.workers)]
+        self.worker_skipped = [{} for _ in range(self.workers)]
 
     def enter(self, stage: int) -> None:
         """Start ``stage`` at the beginning of its stream (unless this progress is already inside it)."""
         if stage != self.stage:
+            self.earlier_skipped = dict(self.skipped())
             self.stage, self.batches = stage, 0
-            self.positions = [[0, 0] for _ in range(self.workers)]
+            self._start_stage()
 
     def took(self, mark: StreamMark) -> None:
         """The loop took a batch whose last sample is ``mark``."""
         self.batches += 1
         self.positions[mark.worker] = [mark.epoch, mark.next_position]
-        self._skipped[(mark.worker, mark.epoch)] = mark.skipped
+        self.worker_skipped[mark.worker] = mark.skipped
 
     def skipped(self) -> Counter:
-        """Samples skipped as bad by the batches taken in this process (a resumed run counts from its start)."""
-        total: Counter = Counter()
-        for counts in self._skipped.values():
+        """Bad samples skipped up to the batches taken, by reason, over the whole run (resumes included)."""
+        total = Counter(self.earlier_skipped)
+        for counts in self.worker_skipped:
             total.update(counts)
         return total
 
     def state_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "stage": self.stage, "batches": self.batches, "positions": self.positions}
+        return {"workers": self.workers, "stage": self.stage, "batches": self.batches, "positions": self.positions,
+                "worker_skipped": self.worker_skipped, "earlier_skipped": self.earlier_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["workers"] != self.workers:
@@ -97,6 +107,8 @@ class StreamProgress:
                 f"(data.num_workers={state['workers']}) to continue the same data order")
         self.stage, self.batches = int(state["stage"]), int(state["batches"])
         self.positions = [[int(e), int(p)] for e, p in state["positions"]]
+        self.worker_skipped = [dict(counts) for counts in state["worker_skipped"]]
+        self.earlier_skipped = dict(state["earlier_skipped"])
 
     def to(self, device: Any) -> StreamProgress:  # per-rank checkpoint objects are moved to the device
         return self
@@ -109,6 +121,7 @@ class EndlessShardStream(IterableDataset):
         self.stream = stream
         self.workers, self.batches = progress.workers, progress.batches
         self.positions = [list(p) for p in progress.positions]
+        self.skipped = [dict(counts) for counts in progress.worker_skipped]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -117,17 +130,20 @@ class EndlessShardStream(IterableDataset):
             raise DataError(f"stream laid out for {self.workers} workers, read by {count}")
         worker = (physical + self.batches) % count
         epoch, skip = self.positions[worker]
+        before = Counter(self.skipped[worker])  # up to the place; the stream counts what it finds after it
         while True:
             self.stream.set_epoch(epoch)
             delivered = 0
             for position, sample in self.stream.positioned(worker, count, skip):
                 delivered += 1
-                yield {**sample, MARK_KEY: StreamMark(worker, epoch, position + 1, dict(self.stream.faults.counts))}
+                yield {**sample, MARK_KEY: StreamMark(worker, epoch, position + 1,
+                                                      dict(before + self.stream.faults.counts))}
             if not delivered and not skip:
                 raise DataError(
                     f"{self.stream.index.root}: rank {self.stream.rank} worker {worker} found no usable sample in "
                     f"epoch {epoch} ({self.stream.select}; {self.stream.faults.summary()}); fewer workers or "
                     "processes, or a wider filter, would give every reader some")
+            before += self.stream.faults.counts
             epoch, skip = epoch + 1, 0
 
 
