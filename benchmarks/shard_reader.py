@@ -12,6 +12,12 @@ had already trained on (``positioned(skip=...)``: read and parse, do not decode)
 
   (c) the same stream passing over every sample; (c)/(b) is how much faster that is than reading them.
 
+And what a training run does once before its first step, unpacking its test split (every tenth pair):
+
+  (d) from shards where each split has its own (the writer's default), against
+  (e) from shards of mixed splits (``one_split_per_shard=False``), which must all be read;
+  (d)/(e) is how much faster (about the inverse of the test split's share of the set).
+
     PYTHONPATH=. python benchmarks/shard_reader.py [--pairs 400] [--repeats 5]
 """
 
@@ -26,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fashionshoot.data.pairs import SampleSpec
+from fashionshoot.data.pairs import PairFilter, SampleSpec
 from fashionshoot.data.records import TIERS, PairRecord
 from fashionshoot.data.shards import PairShardStream, write_pair_shards
 
@@ -55,7 +61,8 @@ def make_pairs(root: Path, n: int) -> list[PairRecord]:
             photo_like(rng).save(root / f"{role}{i}.jpg", quality=90)
         records.append(
             PairRecord(
-                f"p{i:05d}", f"g{i}", f"l{i}", f"g{i}.jpg", f"l{i}.jpg", tier=TIERS[i % 3], confidence=0.9
+                f"p{i:05d}", f"g{i}", f"l{i}", f"g{i}.jpg", f"l{i}.jpg", tier=TIERS[i % 3], confidence=0.9,
+                split="test" if i % 10 == 0 else "train",
             )
         )
     return records
@@ -88,11 +95,13 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.split("x"))
 
     with tempfile.TemporaryDirectory() as tmp:
-        images, shards = Path(tmp, "images"), Path(tmp, "shards")
+        images, shards, mixed = Path(tmp, "images"), Path(tmp, "shards"), Path(tmp, "mixed")
         images.mkdir()
         records = make_pairs(images, args.pairs)
         write_pair_shards(records, images, shards, samples_per_shard=args.samples_per_shard)
+        write_pair_shards(records, images, mixed, samples_per_shard=args.samples_per_shard, one_split_per_shard=False)
         stream = PairShardStream(shards, spec=SampleSpec(size=size, resample=RESAMPLE))
+        tests = sum(r.split == "test" for r in records)
 
         def plain_loop() -> int:
             for record in records:
@@ -108,7 +117,16 @@ def main() -> None:
             assert next(stream.positioned(skip=args.pairs), None) is None
             return args.pairs
 
-        rates = best_rates({"plain": plain_loop, "stream": shard_stream, "skip": pass_over}, args.repeats)
+        def unpack_from(folder: Path) -> Callable[[], int]:
+            def unpack() -> int:
+                manifest = PairShardStream(folder, select=PairFilter(split="test")).unpack(Path(tmp, "unpacked"))
+                assert sum(1 for _ in manifest.open()) == tests
+                return args.pairs  # the rate is over the whole set: what unpacking costs per pair held
+
+            return unpack
+
+        rates = best_rates({"plain": plain_loop, "stream": shard_stream, "skip": pass_over,
+                            "unpack": unpack_from(shards), "unpack-mixed": unpack_from(mixed)}, args.repeats)
         assert stream.faults.total == 0, stream.faults.summary()
 
     print(
@@ -122,6 +140,11 @@ def main() -> None:
     print(f"{'(c) resume pass-over':22}{rates['skip'][0]:10.1f}{rates['skip'][1]:12.1f}")
     wall, cpu = (rates["skip"][i] / rates["stream"][i] for i in range(2))
     print(f"{'ratio (c)/(b)':22}{wall:10.1f}{cpu:12.1f}   (x faster than reading)")
+    print(f"unpacking the test split ({tests} of {args.pairs} pairs), per pair in the set:")
+    print(f"{'(d) split shards':22}{rates['unpack'][0]:10.1f}{rates['unpack'][1]:12.1f}")
+    print(f"{'(e) mixed shards':22}{rates['unpack-mixed'][0]:10.1f}{rates['unpack-mixed'][1]:12.1f}")
+    wall, cpu = (rates["unpack"][i] / rates["unpack-mixed"][i] for i in range(2))
+    print(f"{'ratio (d)/(e)':22}{wall:10.1f}{cpu:12.1f}   (x faster)")
 
 
 if __name__ == "__main__":

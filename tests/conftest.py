@@ -56,8 +56,9 @@ def pairs(tmp_path: Path) -> list:
 
 @pytest.fixture
 def shard_dir(tmp_path: Path, pairs: list) -> Path:
-    """``pairs`` as three shards of four: p0000-p0003, p0004-p0007, p0008-p0011 (the shard tests' layout)."""
+    """``pairs`` as three shards of four: p0000-p0003, p0004-p0007, p0008-p0011 (the shard tests' layout:
+    splits mixed in each shard)."""
     from fashionshoot.data.shards import write_pair_shards
 
-    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4)
+    write_pair_shards(pairs, tmp_path / "images", tmp_path / "shards", samples_per_shard=4, one_split_per_shard=False)
     return tmp_path / "shards"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from fashionshoot.cli import main
@@ -13,7 +15,9 @@ def test_synth_generates_shards_and_reads_everything_back(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "read back 18 pairs from the shards; no samples skipped" in printed
     assert "by tier: high=18" in printed
-    assert len(list((out / "shards").glob("*.tar"))) == 4
+    index = json.loads((out / "shards" / "shards.json").read_text())
+    assert all(len(shard["splits"]) == 1 for shard in index["shards"])  # each split fills its own shards
+    assert len(list((out / "shards").glob("*.tar"))) == sum(-(-n // 5) for n in index["splits"].values()) >= 4
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["synthetic"]["num_garments"] == 6 and saved["samples_per_shard"] == 5
 

@@ -55,6 +55,31 @@ def test_writer_layout_and_index(shard_dir: Path, pairs: list[PairRecord]) -> No
     assert not [p for p in shard_dir.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_each_split_fills_its_own_shards_and_a_split_reader_opens_only_those(tmp_path: Path,
+                                                                            pairs: list[PairRecord]) -> None:
+    """The records come with splits interleaved (p0004 and p0009 are "val"); with two shards of train pairs
+    deleted, a reader of the val split must not notice (it never opens them)."""
+    out = tmp_path / "by-split"
+    index = write_pair_shards(pairs, tmp_path / "images", out, samples_per_shard=4)
+    assert [(s.count, s.splits) for s in index.shards] == [(4, {"train": 4}), (2, {"val": 2}), (4, {"train": 4}),
+                                                           (2, {"train": 2})]
+    body = json.loads((out / INDEX_NAME).read_text())
+    assert body["version"] == 2 and body["splits"] == {"train": 10, "val": 2}
+    assert sorted(ids(PairShardStream(out))) == sorted(all_ids())
+    for shard in ("pairs-000000.tar", "pairs-000002.tar"):
+        (out / shard).unlink()
+    val = PairShardStream(out, select=PairFilter(split="val"))
+    assert ids(val) == ["p0004", "p0009"] and val.faults.total == 0
+    assert PairShardStream(out, select=PairFilter(split="val")).unpack(tmp_path / "val").is_file()
+
+    body["version"] = 1  # an index from before split counts: any shard may hold any split
+    for shard in body["shards"]:
+        del shard["splits"]
+    (out / INDEX_NAME).write_text(json.dumps(body))
+    old = PairShardStream(out, select=PairFilter(split="val"))
+    assert ids(old) == ["p0004", "p0009"] and dict(old.faults.counts) == {"missing shard": 2}
+
+
 def test_shards_are_plain_webdataset(shard_dir: Path) -> None:
     urls = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
@@ -80,6 +105,9 @@ def test_writer_errors(tmp_path: Path, pairs: list[PairRecord]) -> None:
 def test_index_errors(tmp_path: Path, shard_dir: Path) -> None:
     with pytest.raises(DataError, match="shard index not found"):
         PairShardStream(tmp_path)
+    (shard_dir / INDEX_NAME).write_text('{"format": "fashionshoot-pair-shards", "version": 3}')
+    with pytest.raises(DataError, match=r"index version 3, this reader knows \(1, 2\)"):
+        ShardIndex.load(shard_dir)
     (shard_dir / INDEX_NAME).write_text('{"format": "something-else"}')
     with pytest.raises(DataError, match="not a fashionshoot-pair-shards index"):
         ShardIndex.load(shard_dir / INDEX_NAME)

@@ -114,5 +114,6 @@ def test_the_test_split_is_unpacked_once_and_again_when_the_shards_change(tmp_pa
     assert [r.pair_id for r in read_manifest(manifest)] == [r.pair_id for r in pairs if r.split == "val"]
     written = manifest.stat().st_mtime_ns
     assert unpack_test_split(config, tmp_path / "test-pairs").stat().st_mtime_ns == written  # reused
-    write_pair_shards(pairs[:9], tmp_path / "images", shard_dir, samples_per_shard=4)  # the set changed
+    write_pair_shards(pairs[:9], tmp_path / "images", shard_dir, samples_per_shard=4,
+                      one_split_per_shard=False)  # the set changed
     assert [r.pair_id for r in read_manifest(unpack_test_split(config, tmp_path / "test-pairs"))] == ["p0004"]

@@ -2,10 +2,11 @@
 
 Shards are plain POSIX tars in the WebDataset layout (``<pair_id>.garment.jpg``,
 ``<pair_id>.lookbook.jpg``, ``<pair_id>.json``), so ``webdataset.WebDataset`` reads them too. Next to
-them, ``shards.json`` records each shard's sample and per-tier counts: readers know the data size
-without scanning, skip shards holding no wanted tier, and detect truncated shards (which ``tarfile``
-may otherwise end silently). The reader streams tars sequentially with :mod:`tarfile`, splits shards
-across ranks and DataLoader workers, and skips-and-counts bad samples instead of dying mid-epoch.
+them, ``shards.json`` records each shard's sample, per-tier and per-split counts: readers know the data
+size without scanning, skip shards holding no wanted tier or split (the writer gives each split its own
+shards), and detect truncated shards (which ``tarfile`` may otherwise end silently). The reader streams
+tars sequentially with :mod:`tarfile`, splits shards across ranks and DataLoader workers, and
+skips-and-counts bad samples instead of dying mid-epoch.
 See docs/pair-format.md.
 """
 
@@ -39,7 +40,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "shards.json"
 INDEX_FORMAT = "fashionshoot-pair-shards"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+#: Version 1 indexes (no per-shard split counts) are still read; their shards may hold any split.
+READABLE_VERSIONS = (1, 2)
 #: WebDataset splits a member name at the first dot of its basename, so keys must not contain dots.
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 _ROLES = ("garment", "lookbook")
@@ -53,11 +56,19 @@ _MEMBERS = ("json", *_ROLES)
 
 @dataclass
 class ShardInfo:
-    """One shard file: its name (relative to the index folder), sample count and samples per tier."""
+    """One shard file: its name (relative to the index folder), sample count, and samples per tier and
+    per split (``splits`` is None in a version 1 index, which did not count them)."""
 
     name: str
     count: int
     tiers: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] | None = None
+
+    def may_hold(self, select: PairFilter) -> bool:
+        """Whether this shard can hold a pair ``select`` accepts (by its tier and split counts)."""
+        if not any(self.tiers.get(tier) for tier in select.allowed_tiers):
+            return False
+        return select.split is None or self.splits is None or bool(self.splits.get(select.split))
 
 
 @dataclass
@@ -80,6 +91,12 @@ class ShardIndex:
             total.update(s.tiers)
         return {t: total[t] for t in TIERS}
 
+    def split_counts(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for s in self.shards:
+            total.update(s.splits or {})
+        return dict(sorted(total.items()))
+
     def save(self) -> Path:
         path = self.root / INDEX_NAME
         body = {
@@ -87,6 +104,7 @@ class ShardIndex:
             "version": INDEX_VERSION,
             "total": self.count(),
             "tiers": self.tier_counts(),
+            "splits": self.split_counts(),
             "shards": [dataclasses.asdict(s) for s in self.shards],
         }
         tmp = path.with_name(f".{path.name}.tmp")
@@ -108,9 +126,9 @@ class ShardIndex:
             raise DataError(f"{path}: cannot read shard index ({exc})") from exc
         if not isinstance(body, dict) or body.get("format") != INDEX_FORMAT:
             raise DataError(f"{path}: not a {INDEX_FORMAT} index")
-        if body.get("version") != INDEX_VERSION:
+        if body.get("version") not in READABLE_VERSIONS:
             raise DataError(
-                f"{path}: index version {body.get('version')!r}, this reader knows {INDEX_VERSION}"
+                f"{path}: index version {body.get('version')!r}, this reader knows {READABLE_VERSIONS}"
             )
         try:
             shards = [ShardInfo(**s) for s in body["shards"]]
@@ -146,6 +164,7 @@ def write_pair_shards(
     out_dir: str | Path,
     samples_per_shard: int = 1000,
     prefix: str = "pairs",
+    one_split_per_shard: bool = True,
 ) -> ShardIndex:
     """Pack records and their image files (bytes copied as-is) into WebDataset tars plus ``shards.json``.
 
@@ -153,20 +172,23 @@ def write_pair_shards(
     file. In the stored JSON the image fields become the member names (``garment.jpg``), so a record
     read back from a shard says where its images are in that shard. Tars are written under temporary
     names and renamed, and the index last, so an interrupted write never looks complete.
+
+    With ``one_split_per_shard`` (the default) each split fills its own shards (one open tar per split, so
+    the records can come in any order): a reader of one split, such as a training stream or the unpacking
+    of a test split, then opens only that split's shards. Shards are numbered in the order they are begun.
     """
     if samples_per_shard < 1:
         raise DataError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     image_root, out_dir = Path(image_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[ShardInfo] = []
+    filling: dict[str, tuple[ShardInfo, tarfile.TarFile, Path]] = {}  # the open shard of each split (or of all)
     seen: set[str] = set()
-    tar: tarfile.TarFile | None = None
-    tmp: Path | None = None
 
-    def close() -> None:
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, out_dir / shards[-1].name)
+    def close(group: str) -> None:
+        info, tar, tmp = filling.pop(group)
+        tar.close()
+        os.replace(tmp, out_dir / info.name)
 
     for record in records:
         if not _KEY.match(record.pair_id):
@@ -176,11 +198,14 @@ def write_pair_shards(
         if record.pair_id in seen:
             raise DataError(f"pair_id {record.pair_id!r} appears twice; shard keys must be unique")
         seen.add(record.pair_id)
-        if tar is None or shards[-1].count >= samples_per_shard:
-            close()
-            shards.append(ShardInfo(f"{prefix}-{len(shards):06d}.tar", 0, {}))
+        group = record.split if one_split_per_shard else ""
+        if group in filling and filling[group][0].count >= samples_per_shard:
+            close(group)
+        if group not in filling:
+            shards.append(ShardInfo(f"{prefix}-{len(shards):06d}.tar", 0, {}, {}))
             tmp = out_dir / f".{shards[-1].name}.tmp"
-            tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+            filling[group] = (shards[-1], tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT), tmp)
+        info, tar, _ = filling[group]
         stored = {}
         for role in _ROLES:
             source = image_root / getattr(record, f"{role}_image")
@@ -189,9 +214,11 @@ def write_pair_shards(
             stored[f"{role}_image"] = member
         body = json.dumps(dataclasses.replace(record, **stored).to_dict(), ensure_ascii=False)
         _add_member(tar, f"{record.pair_id}.json", body.encode("utf-8"))
-        shards[-1].count += 1
-        shards[-1].tiers[record.tier] = shards[-1].tiers.get(record.tier, 0) + 1
-    close()
+        info.count += 1
+        info.tiers[record.tier] = info.tiers.get(record.tier, 0) + 1
+        info.splits[record.split] = info.splits.get(record.split, 0) + 1
+    for group in list(filling):
+        close(group)
     index = ShardIndex(out_dir, shards)
     index.save()
     return index
@@ -331,8 +358,7 @@ class PairShardStream(IterableDataset):
 
     def _part(self, worker: int, num_workers: int) -> ShardPart:
         """This reader's slice (the same shard order on every rank, so slices are disjoint)."""
-        wanted = self.select.allowed_tiers
-        names = [s.name for s in self.index.shards if any(s.tiers.get(t) for t in wanted)]
+        names = [s.name for s in self.index.shards if s.may_hold(self.select)]
         if self.shuffle_shards:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(names)
         return ShardPart(tuple(names)).split(self.rank, self.world_size).split(worker, num_workers)
