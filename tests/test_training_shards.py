@@ -56,6 +56,14 @@ def test_a_resumed_stream_draws_what_the_uninterrupted_one_would(shard_dir: Path
         other.load_state_dict(StreamProgress(2).state_dict())
 
 
+def test_fewer_shards_than_readers_is_warned_about(shard_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = DataConfig(shards=str(shard_dir), tier="low", num_workers=2)
+    shard_batches(config, 0, "low", pair_ids, 2, 7, 0, 1, StreamProgress(2), 0)  # 3 shards, 2 readers
+    assert "readers share shards" not in caplog.text
+    shard_batches(config, 0, "high", pair_ids, 2, 7, 0, 2, StreamProgress(2), 0)  # rank 0 of 2: 4 readers
+    assert "3 shard(s) hold curriculum stage 0's pairs" in caplog.text and "at least 4 shards" in caplog.text
+
+
 def test_bad_samples_are_skipped_and_counted_over_resumes_and_an_empty_stream_is_named(shard_dir: Path) -> None:
     """A corrupt image is found when decoded (a resumed worker passes over its prefix undecoded), malformed
     JSON when the shuffle buffer reads ahead (the prefix is read again): either way a resumed run's counts

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from fashionshoot.data.pairs import PairFilter, SampleSpec
 from fashionshoot.data.shards import INDEX_NAME, PairShardStream, ShardIndex
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.training.config import DataConfig
+
+logger = logging.getLogger(__name__)
 
 #: The key a streamed sample (and its batch) carries its :class:`StreamMark` under.
 MARK_KEY = "stream"
@@ -178,7 +181,16 @@ def shard_batches(config: DataConfig, stage: int, tier: str, collate: Any, batch
     if progress.batches != expected_batches:
         raise DataError(f"the shard stream's saved progress has {progress.batches} batches in stage {stage}, "
                         f"the step count says {expected_batches}: the checkpoint is not this run's")
-    dataset = EndlessShardStream(train_stream(config, tier, seed + stage, rank, world), progress)
+    stream = train_stream(config, tier, seed + stage, rank, world)
+    readers = world * max(1, config.num_workers)
+    shards = sum(shard.may_hold(stream.select) for shard in stream.index.shards)
+    if shards < readers and rank == 0:
+        logger.warning(
+            "%s: %d shard(s) hold curriculum stage %d's pairs (%s) for %d readers (%d process(es) x %d "
+            "DataLoader worker(s)): readers share shards, each reading all of a shared shard's bytes to keep "
+            "its share of the samples; write the pairs into at least %d shards (a smaller samples_per_shard)",
+            stream.index.root, shards, stage, stream.select, readers, world, max(1, config.num_workers), readers)
+    dataset = EndlessShardStream(stream, progress)
     loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=MarkedCollator(collate),
                         num_workers=config.num_workers)
     return _taken(loader, progress)
