@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fashionshoot.data.pairs import PairFilter
 from fashionshoot.data.synthetic import SyntheticConfig
 from fashionshoot.errors import ConfigError
 from fashionshoot.models.garment_adapter import Conditioning
@@ -46,6 +47,11 @@ class DataConfig:
     weight_power: float = 1.0
     num_workers: int = 0
     curriculum: tuple[tuple[int, str], ...] = ()
+
+    def pair_filter(self, split: str, tier: str | None = None) -> PairFilter:
+        """The pairs of ``split`` at ``tier`` (default: ``tier``) and ``min_confidence``: the one selection
+        rule for manifests, training streams and the unpacked test split alike."""
+        return PairFilter(tier or self.tier, min_confidence=self.min_confidence, split=split)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from fashionshoot.data.pairs import PairFilter, PairManifestDataset, SampleSpec, read_manifest
+from fashionshoot.data.pairs import PairManifestDataset, SampleSpec, read_manifest
 from fashionshoot.data.records import PairRecord
 from fashionshoot.data.transforms import to_tensor
 from fashionshoot.errors import DataError
@@ -101,11 +101,10 @@ def load_pairs(config: DataConfig, output_dir: Path) -> TrainingPairs:
 def select(records: Sequence[PairRecord], config: DataConfig, split: str, tier: str | None = None) -> list[PairRecord]:
     """The records of ``split`` at ``tier`` (default: the configured one) and confidence; empty is an
     error naming the filter."""
-    tier = tier or config.tier
-    keep = PairFilter(tier, min_confidence=config.min_confidence, split=split)
+    keep = config.pair_filter(split, tier)
     chosen = [r for r in records if keep.accepts(r)]
     if not chosen:
-        raise DataError(f"no pairs in split {split!r} at tier {tier!r} (min_confidence "
+        raise DataError(f"no pairs in split {split!r} at tier {tier or config.tier!r} (min_confidence "
                         f"{config.min_confidence}) among {len(records)} records")
     return chosen
 

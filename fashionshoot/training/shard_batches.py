@@ -35,7 +35,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fashionshoot.data.pairs import PairFilter, SampleSpec
+from fashionshoot.data.pairs import SampleSpec
 from fashionshoot.data.shards import INDEX_NAME, PairShardStream, ShardIndex
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.training.config import DataConfig
@@ -164,7 +164,7 @@ def train_stream(config: DataConfig, tier: str, seed: int, rank: int = 0, world:
     """The training pairs of ``tier`` in ``data.shards``: shuffled shard order and buffer, this rank's part."""
     return PairShardStream(
         Path(config.shards),
-        select=PairFilter(tier, min_confidence=config.min_confidence, split=config.train_split),
+        select=config.pair_filter(config.train_split, tier),
         spec=SampleSpec(weight_power=config.weight_power),
         shuffle_shards=True, shuffle_buffer=config.shuffle_buffer, seed=seed, rank=rank, world_size=world,
     )
@@ -216,7 +216,7 @@ def fit_images(config: DataConfig, seed: int, limit: int) -> list[Image.Image]:
 def unpack_test_split(config: DataConfig, out_dir: Path) -> Path:
     """The test split of ``data.shards`` as a manifest under ``out_dir`` (unpacked once, reused while the
     shard index and the filter are the same): validation draws pairs by index, which a stream cannot."""
-    selection = PairFilter(config.tier, min_confidence=config.min_confidence, split=config.test_split)
+    selection = config.pair_filter(config.test_split)
     index = ShardIndex.load(config.shards)
     source = {"shards": str(index.root.resolve()), "filter": repr(selection),
               "index": hashlib.sha256((index.root / INDEX_NAME).read_bytes()).hexdigest()}
