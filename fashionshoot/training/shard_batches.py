@@ -182,18 +182,23 @@ def shard_batches(config: DataConfig, stage: int, tier: str, collate: Any, batch
         raise DataError(f"the shard stream's saved progress has {progress.batches} batches in stage {stage}, "
                         f"the step count says {expected_batches}: the checkpoint is not this run's")
     stream = train_stream(config, tier, seed + stage, rank, world)
-    readers = world * max(1, config.num_workers)
-    shards = sum(shard.may_hold(stream.select) for shard in stream.index.shards)
-    if shards < readers and rank == 0:
-        logger.warning(
-            "%s: %d shard(s) hold curriculum stage %d's pairs (%s) for %d readers (%d process(es) x %d "
-            "DataLoader worker(s)): readers share shards, each reading all of a shared shard's bytes to keep "
-            "its share of the samples; write the pairs into at least %d shards (a smaller samples_per_shard)",
-            stream.index.root, shards, stage, stream.select, readers, world, max(1, config.num_workers), readers)
+    if rank == 0:
+        _warn_if_readers_share_shards(stream, stage, world, max(1, config.num_workers))
     dataset = EndlessShardStream(stream, progress)
     loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, collate_fn=MarkedCollator(collate),
                         num_workers=config.num_workers)
     return _taken(loader, progress)
+
+
+def _warn_if_readers_share_shards(stream: PairShardStream, stage: int, world: int, workers: int) -> None:
+    """Fewer shards than readers still works (sample-level split) but reads shared shards' bytes repeatedly."""
+    shards = sum(shard.may_hold(stream.select) for shard in stream.index.shards)
+    if shards < world * workers:
+        logger.warning(
+            "%s: %d shard(s) hold curriculum stage %d's pairs (%s) for %d readers (%d process(es) x %d "
+            "DataLoader worker(s)): readers share shards, each reading all of a shared shard's bytes to keep "
+            "its share of the samples; write the pairs into at least %d shards (a smaller samples_per_shard)",
+            stream.index.root, shards, stage, stream.select, world * workers, world, workers, world * workers)
 
 
 def _taken(loader: DataLoader, progress: StreamProgress) -> Iterator[dict[str, Any]]:
