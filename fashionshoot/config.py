@@ -145,19 +145,36 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``key.sub=value``; the value is parsed as YAML (``3`` -> int, ``[1,2]`` -> list)."""
+def parse_override(text: str, cls: type | None = None) -> tuple[str, Any]:
+    """Split ``key.sub=value``; the value is parsed as YAML (``3`` -> int, ``[1,2]`` -> list).
+
+    A value for a plain string field of config ``cls`` (a prompt, a path) is kept as typed unless it is
+    quoted YAML: YAML would cut ``look #3 on a rooftop`` at the ``#`` (a comment) and read ``no`` as
+    ``False``."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected the form dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if cls is not None and _field_type(cls, key) is str and not quoted:
+        return key, raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: cannot parse value {raw!r} ({exc})") from exc
     return key, value
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The declared type of dotted key ``dotted`` in config dataclass ``cls`` (None if there is no such key)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
+            return None
+        tp = _field_types(tp)[part]
+    return tp
 
 
 def load_config(
@@ -177,7 +194,7 @@ def load_config(
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         _merge(tree, loaded)
     for text in overrides:
-        key, value = parse_override(text)
+        key, value = parse_override(text, cls)
         _set_dotted(tree, key, value)
     try:
         return _build(cls, tree)

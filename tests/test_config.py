@@ -38,6 +38,15 @@ def test_defaults_file_and_overrides_layer_in_order(tmp_path):
     assert cfg.optim.betas == (0.9, 0.999) and isinstance(cfg.optim.betas, tuple)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("look #3 on a rooftop at dusk", "look #3 on a rooftop at dusk"),  # YAML: a comment after "look"
+     ("no", "no"), ("1.5", "1.5"), ("a: b", "a: b"), ('""', ""), ("'it''s'", "it's"), ("", "")],
+)
+def test_a_string_field_takes_the_value_as_typed_unless_quoted(value, expected):
+    assert load_config(Run, None, [f"name={value}"]).name == expected
+
+
 def test_int_is_accepted_where_float_is_expected():
     assert load_config(Run, None, ["optim.lr=1"]).optim.lr == 1.0
 
