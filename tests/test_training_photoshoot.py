@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,11 +137,64 @@ def test_fresh_start_refuses_folder_with_checkpoints(tmp_path: Path) -> None:
         run(_config(tmp_path, "checkpoint.resume="))
 
 
+def test_a_resume_that_would_mix_two_runs_is_refused_before_anything_is_written(tmp_path: Path,
+                                                                                 shared: list[str]) -> None:
+    """Resuming an earlier checkpoint beside later ones would have rotation delete the new checkpoints (it
+    keeps the highest steps) and resume=latest continue the abandoned run; a refused resume must leave the
+    finished run's files as they were."""
+    common = [*shared, "checkpoint.every=1", "checkpoint.keep=5"]
+    run(_config(tmp_path / "a", *common, "optim.max_steps=3"))
+    second = tmp_path / "a" / "checkpoints" / "checkpoint-00000002"
+    written = (tmp_path / "a" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"checkpoints after step 2.*checkpoint-00000003.*another output_dir"):
+        run(_config(tmp_path / "a", *common, "optim.max_steps=4", f"checkpoint.resume={second}"))
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.002 -> 0\.005"):
+        run(_config(tmp_path / "a", *common, "optim.max_steps=4", "optim.lr=5e-3"))
+    assert (tmp_path / "a" / "config.yaml").read_text() == written
+    branch = run(_config(tmp_path / "b", *common, "optim.max_steps=4", f"checkpoint.resume={second}"))
+    assert set(branch["losses"]) == {3, 4} and branch["checkpoint"].is_dir()
+
+
+def test_a_fresh_start_with_other_model_settings_builds_the_base_again(tmp_path: Path) -> None:
+    """A run that died before its first checkpoint left a base; starting again with another
+    model.conditioning must not train the old one, and a resume refuses a base that is not its own."""
+    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
+    from fashionshoot.training.loop import BASE_SOURCE
+
+    first = run(_config(tmp_path, "optim.max_steps=1"))
+    assert load_photoshoot_pipeline(first["pipeline"]).garment_adapter.config.conditioning == "cross_attention"
+    shutil.rmtree(tmp_path / "checkpoints")
+    again = run(_config(tmp_path, "optim.max_steps=1", "model.conditioning=reference"))
+    assert load_photoshoot_pipeline(again["pipeline"]).garment_adapter.config.conditioning == "reference"
+    recorded = tmp_path / "base" / BASE_SOURCE
+    recorded.write_text(json.dumps({**json.loads(recorded.read_text()), "seed": 3}))
+    with pytest.raises(ConfigError, match=r"base was built for other settings than this run's checkpoint: seed: 3 -> 0$"):
+        run(_config(tmp_path, "optim.max_steps=2", "model.conditioning=reference"))
+
+
+def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, shared: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = loop_module.training_loss, []
+
+    def nan_at_the_last_step(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(loop_module, "training_loss", nan_at_the_last_step)
+    results = run(_config(tmp_path, *shared, "optim.max_steps=3", "checkpoint.every=3"))
+    assert results["nan_steps"] == 1 and set(results["losses"]) == {1, 2}
+    assert results["checkpoint"].name == "checkpoint-00000003" and results["checkpoint"].is_dir()
+
+
 def test_bad_config_key_is_named() -> None:
     with pytest.raises(ConfigError, match=r"optim\.lrr"):
         config_from_argv(PhotoshootTrainConfig, ["optim.lrr=1e-4"], default_path=TINY_YAML)
     with pytest.raises(ConfigError, match=r"optim\.batch_size=0"):
         config_from_argv(PhotoshootTrainConfig, ["optim.batch_size=0"], default_path=TINY_YAML)
+    with pytest.raises(ConfigError, match=r"unknown tier: data.curriculum\[1\]='hgih'"):  # not at step 6000
+        config_from_argv(PhotoshootTrainConfig, ["data.curriculum=[[0, low], [6000, hgih]]"], default_path=TINY_YAML)
+    with pytest.raises(ConfigError, match=r"dropout.garment/text/both .* got 0.05, 0.95, 0.05"):
+        config_from_argv(PhotoshootTrainConfig, ["dropout.text=0.95"], default_path=TINY_YAML)
 
 
 def test_script_takes_resume_flag_and_reports_command_line_errors_without_a_traceback(
@@ -156,6 +210,8 @@ def test_script_takes_resume_flag_and_reports_command_line_errors_without_a_trac
     assert script["main"](["optim.lrr=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key(s) optim.lrr" in err and "usage: train/photoshoot.py" in err and "Traceback" not in err
+    assert script["main"](["--resume", "runs/no/such/checkpoint"]) == 2  # refused by the run, still no traceback
+    assert "checkpoint.resume: runs/no/such/checkpoint is not a checkpoint folder" in capsys.readouterr().err
 
 
 def test_non_finite_losses_stop_the_run(tmp_path: Path, shared: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -415,6 +471,12 @@ def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[s
     assert run(config)["step"] == 3
     with pytest.raises(ConfigError, match="curriculum"):
         _config(tmp_path, "data.curriculum=[[5, low], [2, high]]")
+
+
+def test_fp16_on_the_cpu_is_refused_with_the_reason(tmp_path: Path, shared: list[str]) -> None:
+    with pytest.raises(ConfigError, match="fp16 on the CPU: accelerate does not autocast there.*use bf16"):
+        run(_config(tmp_path, *shared, "optim.max_steps=1", "mixed_precision=fp16", "cpu=true"))
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_bf16_mixed_precision_trains_and_saves_fp32(tmp_path: Path, shared: list[str]) -> None:

@@ -40,12 +40,11 @@ def parse(argv: list[str]) -> PhotoshootTrainConfig:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        config = parse(argv)
-    except ConfigError as err:  # a mistyped command line: the message, not a traceback
+    try:  # a mistyped command line or a config the run refuses: the message, not a traceback
+        results = run(parse(argv))
+    except ConfigError as err:
         print(f"train/photoshoot.py: error: {err}\nusage: {USAGE}", file=sys.stderr)
         return 2
-    results = run(config)
     if results["main_process"]:  # one summary per run, not per process
         print(f"trained to step {results['step']} ({results['nan_steps']} non-finite steps skipped); "
               f"pipeline: {results['pipeline']}; "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fashionshoot.errors import ConfigError
+from fashionshoot.errors import ConfigError, FashionshootError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -70,6 +70,46 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
              if (m := _NAME.match(p.name)) and (p / STATE_NAME).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def step_of(checkpoint: Path) -> int:
+    """The step a ``checkpoint-<step>`` folder was written at."""
+    return int(_NAME.match(checkpoint.name).group(1))
+
+
+def check_start(resume: Path | None, output_dir: str | Path, config: Mapping[str, Any]) -> None:
+    """Refuse, before a run writes anything into ``output_dir``, a start that would mix two runs there.
+
+    * a fresh start (``resume`` None) over checkpoints: ``resume=latest`` would later continue those;
+    * a checkpoint written with another config (the keys named);
+    * a checkpoint with later ones beside it (resuming an earlier checkpoint of the same folder, or one
+      from elsewhere into a folder holding another run's): rotation keeps the highest steps and
+      ``resume=latest`` picks them, so this run's checkpoints would be deleted and a later resume would
+      continue the other run.
+    """
+    found = checkpoints(output_dir)
+    if resume is None:
+        if found:
+            raise FashionshootError(f"{output_dir} holds checkpoints of an earlier run; resume it with "
+                                    "checkpoint.resume=latest or choose another output_dir")
+        return
+    saved = _saved_state(resume, config)
+    later = [p.name for p in found if step_of(p) > saved.step]
+    if later:
+        raise ConfigError(f"{Path(output_dir) / CHECKPOINT_DIR} holds checkpoints after step {saved.step}, where "
+                          f"{resume} continues from: {', '.join(later)}; continuing beside them would mix two runs "
+                          "(rotation keeps the highest steps, resume=latest picks them). Resume into another "
+                          "output_dir, or move them away")
+
+
+def _saved_state(path: Path, config: Mapping[str, Any]) -> TrainerState:
+    """The state saved in checkpoint ``path``, refused if it was written with a config other than ``config``."""
+    saved = TrainerState(**json.loads((path / STATE_NAME).read_text()))
+    mismatches = config_mismatches(saved.config, config)
+    if mismatches:
+        raise ConfigError(f"checkpoint {path} was written with a different config; mismatching keys: "
+                          + "; ".join(mismatches))
+    return saved
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
@@ -124,11 +164,7 @@ def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any
     """Restore ``path`` into the prepared objects (and this rank's ``per_rank`` state, see
     :func:`save_checkpoint`) after checking it was written by a matching config."""
     path = Path(path)
-    saved = TrainerState(**json.loads((path / STATE_NAME).read_text()))
-    mismatches = config_mismatches(saved.config, config)
-    if mismatches:
-        raise ConfigError(f"checkpoint {path} was written with a different config; mismatching keys: "
-                          + "; ".join(mismatches))
+    saved = _saved_state(path, config)
     _warn_if_the_schedule_changes(saved, config)
     accelerator.load_state(str(path))
     for name, obj in (per_rank or {}).items():

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fashionshoot.data.pairs import PairFilter
+from fashionshoot.data.records import TIERS
 from fashionshoot.data.synthetic import SyntheticConfig
 from fashionshoot.errors import ConfigError
 from fashionshoot.models.garment_adapter import Conditioning
@@ -210,6 +211,14 @@ class PhotoshootTrainConfig:
         starts = [start for start, _ in self.data.curriculum]
         if starts and (starts[0] != 0 or starts != sorted(set(starts))):
             raise ConfigError(f"data.curriculum stages must start at step 0 and increase, got starts {starts}")
+        tiers = {"data.tier": self.data.tier} | {f"data.curriculum[{i}]": t for i, (_, t) in enumerate(self.data.curriculum)}
+        unknown = [f"{key}={tier!r}" for key, tier in tiers.items() if tier not in TIERS]
+        if unknown:  # at start-up, not when a late curriculum stage begins
+            raise ConfigError(f"unknown tier: {', '.join(unknown)}; expected one of {TIERS}")
+        drop = self.dropout
+        if min(drop.garment, drop.text, drop.both) < 0 or drop.garment + drop.text + drop.both > 1:
+            raise ConfigError(f"dropout.garment/text/both are exclusive probabilities: each >= 0, summing to <= 1; "
+                              f"got {drop.garment}, {drop.text}, {drop.both}")
         if self.data.manifest and self.data.shards:
             raise ConfigError(f"data.manifest and data.shards name two sources of pairs; set one of them to \"\" (got "
                               f"manifest={self.data.manifest!r}, shards={self.data.shards!r})")

@@ -34,7 +34,9 @@ from fashionshoot.models.unet_inputs import inpaint_inputs
 from fashionshoot.pipelines.photoshoot import PhotoshootPipeline, load_photoshoot_pipeline
 from fashionshoot.training.checkpoint import (
     TrainerState,
+    check_start,
     checkpoints,
+    config_mismatches,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -64,6 +66,8 @@ from fashionshoot.training.whole_weights import (
 
 #: Where a LoRA run also saves its LoRA layers alone (``unet.load_lora_adapter`` format), next to the pipeline.
 LORA_DIR = "unet_lora"
+#: The settings a run's ``<output_dir>/base`` was built for, kept in it.
+BASE_SOURCE = "fashionshoot_base.json"
 #: Validation grids (``step-<step>.png``) and ``metrics.jsonl`` (one row per validation).
 VALIDATION_DIR = "validation"
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -264,16 +268,32 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     return (per_sample * weight).sum() / weight_norm
 
 
-def _prepare_inputs(config: PhotoshootTrainConfig, out: Path, pairs: TrainingPairs) -> Path:
+def _prepare_inputs(config: PhotoshootTrainConfig, out: Path, pairs: TrainingPairs, resuming: bool) -> Path:
     """Build the base pipeline if needed (main process only); the base path.
 
     The base is built in a temporary folder and renamed into place, so a run killed while fitting the
-    tiny VAE leaves no half-made base that a rerun would take as finished."""
+    tiny VAE leaves no half-made base that a rerun would take as finished. It records the ``model``,
+    ``data`` and ``seed`` settings it was built for (:data:`BASE_SOURCE`): a fresh start with other
+    settings builds it again rather than training the old one, and a resume refuses a base that is not
+    its checkpoint's."""
     if config.model.pretrained:
         return Path(config.model.pretrained)
     base = out / "base"
+    source = {key: value for key, value in to_dict(config).items() if key in ("model", "data", "seed")}
     if (base / "model_index.json").is_file():
-        return base
+        recorded = base / BASE_SOURCE
+        if not recorded.is_file():  # built by a version that did not record its settings
+            if resuming:
+                return base
+            changed = ["not recorded"]
+        else:
+            changed = config_mismatches(json.loads(recorded.read_text()), source)
+            if not changed:
+                return base
+            if resuming:
+                raise ConfigError(f"{base} was built for other settings than this run's checkpoint: "
+                                  + "; ".join(changed))
+        print(f"{base} was built for other settings ({'; '.join(changed)}); building it again", flush=True)
     building = out / ".base-incomplete"
     shutil.rmtree(building, ignore_errors=True)
     if config.model.base:
@@ -293,7 +313,8 @@ def _prepare_inputs(config: PhotoshootTrainConfig, out: Path, pairs: TrainingPai
         save_pretrained_tiny_photoshoot_pipeline(building, images, resolution=tuple(config.data.resolution),
                                                  vae_steps=steps, seed=config.seed, progress=True,
                                                  conditioning=config.model.conditioning)
-    shutil.rmtree(base, ignore_errors=True)  # ours, and without model_index.json: an unfinished base
+    (building / BASE_SOURCE).write_text(json.dumps(source, indent=1) + "\n")
+    shutil.rmtree(base, ignore_errors=True)  # ours: an unfinished base, or one built for other settings
     building.rename(base)
     return base
 
@@ -609,19 +630,21 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     check_distributed_type(accelerator.distributed_type, plugin.deepspeed_config if plugin is not None else None,
                            fsdp.fsdp_version if fsdp is not None else None)
     check_process_count(int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("mixed_precision=fp16 on the CPU: accelerate does not autocast there, so the fp16 frozen "
+                          "encoders would feed the fp32 UNet; use bf16 (autocast on the CPU) or no")
     set_seed(config.seed)
+    resolved = to_dict(config)
     resume = resolve_resume(config.checkpoint.resume, out)
-    if resume is None and checkpoints(out):
-        raise FashionshootError(f"{out} holds checkpoints of an earlier run; resume it with "
-                                "checkpoint.resume=latest or choose another output_dir")
+    check_start(resume, out, resolved)  # before anything is written into the run's folder
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out)
         with whole_models(accelerator):
-            _prepare_inputs(config, out, load_pairs(config.data, out))
+            _prepare_inputs(config, out, load_pairs(config.data, out), resuming=resume is not None)
     accelerator.wait_for_everyone()
     pairs = load_pairs(config.data, out)  # now only reads what the main process wrote
-    base = _prepare_inputs(config, out, pairs)
+    base = _prepare_inputs(config, out, pairs, resuming=resume is not None)
 
     trainee = _build(config, base, accelerator)
     if pairs.progress is not None:  # a stream's place is state, saved by every rank
@@ -635,7 +658,6 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         return pairs.batches_at(collator, config.optim.batch_size, config.seed, accelerator.process_index,
                                 accelerator.num_processes, step, config.optim.grad_accum)
 
-    resolved = to_dict(config)
     state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank) if resume else TrainerState()
     state.config = resolved
     # wandb files go under the run's folder (as tensorboard's do), unless WANDB_DIR says where
@@ -689,22 +711,23 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         progress.update(1)
-        if not finite:
+        if finite:
+            losses[state.step] = accelerator.reduce(total, "mean").item()
+            progress.set_postfix(loss=f"{losses[state.step]:.4f}")
+            if state.step % config.log_every == 0:
+                logged = {"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
+                          "nan_steps": state.nan_steps}
+                if pairs.progress is not None:
+                    logged["skipped_samples"] = sum(pairs.progress.skipped().values())
+                accelerator.log(logged, step=state.step)
+        else:
             accelerator.print(f"step {state.step}: non-finite loss, step skipped ({state.nan_steps} so far)")
             if state.nan_steps > config.max_nan_steps:
                 raise TrainingDiverged(
                     f"{state.nan_steps} steps had a non-finite loss (limit max_nan_steps={config.max_nan_steps}), "
                     f"the last at step {state.step}: lower optim.lr, prefer mixed_precision=bf16 to fp16, "
                     "or check the data")
-            continue
-        losses[state.step] = accelerator.reduce(total, "mean").item()
-        progress.set_postfix(loss=f"{losses[state.step]:.4f}")
-        if state.step % config.log_every == 0:
-            logged = {"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
-                      "nan_steps": state.nan_steps}
-            if pairs.progress is not None:
-                logged["skipped_samples"] = sum(pairs.progress.skipped().values())
-            accelerator.log(logged, step=state.step)
+        # a skipped step is still a step: its checkpoint and validation are due as usual
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep, trainee.per_rank)
         every = config.validation.every
