@@ -91,6 +91,10 @@ def test_batches_are_reproducible_per_sample_generator(pipe):
     np.testing.assert_allclose(batch[1], _run(pipe, outfits[1], poses[1], seed=8)[0], atol=1e-5)
     np.testing.assert_array_equal(_run(pipe, outfits, poses, seed=3), _run(pipe, outfits, poses, seed=3))
 
+    without = _run(pipe, [{"top": TOP}, None], generator=[torch.Generator().manual_seed(s) for s in (7, 8)],
+                   negative_prompt=None)  # None: a sample without garments, no negative text (diffusers' default)
+    np.testing.assert_allclose(without[1], _run(pipe, None, seed=8, negative_prompt="")[0], atol=1e-5)
+
     images = _run(pipe, {"top": TOP}, num_images_per_prompt=2)
     assert images.shape[0] == 2 and not np.allclose(images[0], images[1], atol=1e-3)
 
@@ -213,7 +217,7 @@ def test_generate_over_a_manifest_split_writes_what_eval_generation_reads(folder
                                                                         styles=("real",)))
     test_pairs = [r for r in read_manifest(data / "pairs.jsonl") if r.split == "test"]
     assert len(test_pairs) == 4  # garments 1 and 3, two lookbooks each
-    out = tmp_path / "set"
+    out = tmp_path / "test set"  # the printed command must quote it
     argv = [f"pipeline={folder}", f"pairs={data / 'pairs.jsonl'}", "split=test", "steps=2", "height=32", "width=24",
             "batch_size=3", f"out_dir={out}"]
     assert generate_main(argv) == 0
@@ -238,5 +242,8 @@ def test_generate_over_a_manifest_split_writes_what_eval_generation_reads(folder
 
     assert generate_main([*argv, f"garments.top={data / test_pairs[0].garment_image}", "prompt=a beach"]) == 1
     assert "drop garments, prompt" in capsys.readouterr().err
+    single = [f"pipeline={folder}", "steps=2", f"out_dir={tmp_path / 'one'}"]
+    assert generate_main([*single, "split=val", "num_pairs=3"]) == 1  # not silently ignored
+    assert "split, num_pairs apply only with pairs=" in capsys.readouterr().err
     assert generate_main([*argv, "split=val"]) == 1
     assert "no pairs in split 'val'" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,17 @@ class GenerateConfig:
     pair_prompts: Literal["caption", "empty"] = "caption"
     batch_size: int = 8
     slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
+
+
+#: Keys of one generation, and keys of an evaluation set (``pairs=``): each mode refuses the other's.
+SINGLE_IMAGE_KEYS = ("garments", "keypoints", "prompt", "negative_prompt", "num_images")
+PAIRS_KEYS = ("split", "num_pairs", "pair_prompts", "batch_size", "slot_map")
+
+
+def _changed(config: GenerateConfig, keys: tuple[str, ...]) -> list[str]:
+    """Which of ``keys`` are set to something other than their default."""
+    default = GenerateConfig()
+    return [key for key in keys if getattr(config, key) != getattr(default, key)]
 
 
 def read_keypoints(path: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -129,6 +141,10 @@ def generate(config: GenerateConfig) -> list[Path]:
 
     if config.pairs:
         return generate_eval_set(config)
+    stray = _changed(config, PAIRS_KEYS)
+    if stray:
+        raise DataError(f"{', '.join(stray)} apply only with pairs=... (one image per pair of a manifest split): "
+                        "give pairs=, or drop them")
     garments = {}
     for slot, image_path in config.garments.items():
         try:
@@ -168,8 +184,7 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
     from fashionshoot.data.pairs import PairFilter, read_manifest
     from fashionshoot.training.validation import ValidationSettings, generate_pairs
 
-    single = [k for k, unset in (("garments", {}), ("keypoints", ""), ("prompt", ""), ("negative_prompt", ""),
-                                 ("num_images", 1)) if getattr(config, k) != unset]
+    single = _changed(config, SINGLE_IMAGE_KEYS)
     if single:
         raise DataError(f"pairs=... generates one image per pair from its own garment, pose and caption "
                         f"(pair_prompts): drop {', '.join(single)}")
@@ -216,8 +231,9 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
 def eval_command(out_dir: str | Path) -> str:
     """The ``eval/generation.py`` command line for an evaluation set written by :func:`generate_eval_set`."""
     out = Path(out_dir)
-    return (f"python eval/generation.py generated=[{out / 'generated'}] references=[{out / 'references'}] "
-            f"manifest={out / 'pairs.csv'} garments=[{out / 'garments'}]")
+    args = [f"generated=[{out / 'generated'}]", f"references=[{out / 'references'}]", f"manifest={out / 'pairs.csv'}",
+            f"garments=[{out / 'garments'}]"]
+    return "python eval/generation.py " + " ".join(shlex.quote(arg) for arg in args)  # paths may hold spaces
 
 
 def generate_main(argv: list[str]) -> int:

@@ -219,8 +219,8 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         self,
         garments: Outfit[Image.Image] | Sequence[Outfit[Image.Image]] | None = None,
         keypoints: Keypoints | Sequence[Keypoints | None] | None = None,
-        prompt: str | Sequence[str] = "",
-        negative_prompt: str | Sequence[str] = "",
+        prompt: str | Sequence[str] | None = "",
+        negative_prompt: str | Sequence[str] | None = "",
         image: Image.Image | Sequence[Image.Image] | None = None,
         mask_image: Image.Image | Sequence[Image.Image] | None = None,
         guidance_scale_text: float = 5.0,
@@ -238,9 +238,9 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         """Generate images.
 
         ``garments``: one outfit (``{slot: image}``, or images in slot order with ``None`` for empty
-        slots) or a list of outfits. ``keypoints``: one ``(K, 2|3)`` array in output-image pixels
+        slots) or a list of outfits (``None`` in it: a sample without garments). ``keypoints``: one ``(K, 2|3)`` array in output-image pixels
         (COCO-18, MPII-16 or BODY_25, chosen by ``K``) or a list of them. ``prompt`` /
-        ``negative_prompt``: one string or one per sample. Inputs of length 1 are shared across the
+        ``negative_prompt``: one string or one per sample (``None``: no text). Inputs of length 1 are shared across the
         batch. ``image`` / ``mask_image`` (inpainting UNets only): a scene to keep outside the white
         mask region, one or one per sample. ``same_noise`` gives every sample the same starting noise, so samples differ only by
         their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`).
@@ -249,8 +249,10 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         height, width = height or self.default_size[0], width or self.default_size[1]
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise DataError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        prompt, negative_prompt = prompt or "", negative_prompt or ""  # None: no text, as in diffusers
         inputs = {
-            "garments": _as_list(garments if garments is not None else {}, is_outfit_batch(garments)),
+            "garments": [outfit if outfit is not None else {}
+                         for outfit in _as_list(garments, is_outfit_batch(garments))],
             "keypoints": _as_list(keypoints, _is_keypoint_batch(keypoints)),
             "prompt": _as_list(prompt, not isinstance(prompt, str)),
             "negative_prompt": _as_list(negative_prompt, not isinstance(negative_prompt, str)),
