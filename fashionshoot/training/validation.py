@@ -274,7 +274,7 @@ def validate(pipe: Any, records: Sequence[PairRecord], root: str | Path, setting
     encoder = encoder or HistogramEncoder(bins=6)
     height, width = settings.resolution
     chosen = select_pairs(records, settings.num_pairs)
-    gallery_records = {r.garment_id: r for r in records}  # first record of each garment
+    gallery_records = {r.garment_id: r for r in records}  # one record per garment: its product shot
 
     images: list[Image.Image] = []
     garments: list[Image.Image] = []
