@@ -130,7 +130,7 @@ class TrainStep:
         from fashionshoot.training.randomness import SampleRandomness
 
         self.n += 1
-        randomness = SampleRandomness.for_batch(self.config.seed, self.n, 0, 0, len(self.batch["weight"]), self.device)
+        randomness = SampleRandomness.for_batch(self.config.seed, self.n, 0, len(self.batch["weight"]), self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return training_loss(self.denoiser, self.frozen, self.noise_scheduler, self.batch, randomness,
                                  self.config.dropout, self.config.loss, self.batch["weight"].sum())

@@ -135,7 +135,7 @@ class Ours:
         from fashionshoot.training.randomness import SampleRandomness
 
         self.n += 1
-        return SampleRandomness.for_batch(self.config.seed, self.n, 0, 0, len(self.batch["weight"]))
+        return SampleRandomness.for_batch(self.config.seed, self.n, 0, len(self.batch["weight"]))
 
     def loss(self, randomness: Any) -> torch.Tensor:
         from fashionshoot.training.loop import training_loss
@@ -226,7 +226,7 @@ class Ours:
         from fashionshoot.training.randomness import SampleRandomness
 
         def fresh() -> Any:
-            return SampleRandomness.for_batch(self.config.seed, 12345, 0, 0, len(self.batch["weight"]))
+            return SampleRandomness.for_batch(self.config.seed, 12345, 0, len(self.batch["weight"]))
 
         with torch.no_grad():
             want, got = float(self.loss(fresh())), float(self.staged_loss(fresh(), Stages()))

@@ -247,6 +247,24 @@ def _delta(trained: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> f
     return sum(float((trained[k] - base[k]).norm() ** 2) for k in base) ** 0.5
 
 
+def test_gradient_accumulation_trains_what_one_larger_batch_would(tmp_path: Path, shared: list[str]) -> None:
+    """grad_accum only splits a step: 4 x 1, 2 x 2 and 1 x 4 samples draw the same samples with the same
+    randomness and take the weighted mean over all four (the synthetic pairs' confidences differ)."""
+    common = [*shared, "optim.max_steps=3", "optim.warmup_steps=0", "checkpoint.every=3", "validation.num_pairs=1"]
+    base = saved_weights(Path(shared[1].split("=", 1)[1]))
+    runs = {n: run(_config(tmp_path / str(n), *common, f"optim.batch_size={4 // n}", f"optim.grad_accum={n}"))
+            for n in (1, 2, 4)}
+    one = saved_weights(runs[1]["pipeline"])
+    for n in (2, 4):
+        assert runs[n]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-5)
+        split = saved_weights(runs[n]["pipeline"])
+        print(f"grad_accum={n}: relative weight difference {_delta(split, one) / _delta(one, base):.1e}")
+        assert _delta(split, one) < 1e-3 * _delta(one, base)  # float summation order, amplified by Adam
+    other_seed = saved_weights(run(_config(tmp_path / "seed", *common, "optim.batch_size=4", "seed=1"))["pipeline"])
+    print(f"another seed: {_delta(other_seed, one) / _delta(one, base):.2f}")
+    assert _delta(other_seed, one) > 0.1 * _delta(one, base)  # what a real difference looks like
+
+
 def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str]) -> None:
     common = [*shared, "checkpoint.every=1", "checkpoint.keep=3", "optim.warmup_steps=0", "optim.max_steps=3"]
     base = saved_weights(Path(shared[1].split("=", 1)[1]))

@@ -226,8 +226,9 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     after condition dropout.
 
     The result is ``sum(weight * mse) / weight_norm``; the loop passes ``weight_norm`` = the mean over
-    processes of their batch weight sums, so that DDP's gradient average equals the gradient of the
-    global batch's weighted mean. All random draws come from ``randomness`` in a fixed order.
+    processes of their weight sums over the step's micro-batches, so that the accumulated gradients,
+    averaged by DDP, are the gradient of the weighted mean over the step's whole global batch. All random
+    draws come from ``randomness`` in a fixed order.
     """
     adapter = frozen.pipe.garment_adapter
     present = batch["slot_mask"].to(frozen.device)
@@ -585,7 +586,7 @@ def _backward(accelerator: Any, denoiser: Any, loss: torch.Tensor, last: bool) -
         accelerator.backward(loss)
         return
     denoiser.set_gradient_accumulation_boundary(last)
-    denoiser.backward(loss, scale_wrt_gas=False)  # already divided by grad_accum, as on DDP
+    denoiser.backward(loss, scale_wrt_gas=False)  # already normalised by the window's weight sum, as on DDP
     if last:
         denoiser.step()
 
@@ -668,7 +669,6 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         with whole_models(accelerator):
             encoder = validation_encoder(config.validation.encoder, accelerator.device)
     stage, batches = batches_at(state.step)
-    first_position = accelerator.process_index * config.optim.batch_size
     losses: dict[int, float] = {}
     progress = tqdm(total=config.optim.max_steps, initial=state.step, desc="photoshoot",
                     disable=not accelerator.is_local_main_process)
@@ -677,27 +677,30 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     while state.step < config.optim.max_steps:
         if curriculum_stage(config.data, state.step)[0] != stage:
             stage, batches = batches_at(state.step)
+        # One step is one large batch, however it is split into micro-batches and processes: its weighted
+        # mean loss over all of them (hence the window's weight sum), and randomness by window position.
+        window = [next(batches) for _ in range(config.optim.grad_accum)]
+        weight_norm = accelerator.reduce(sum(b["weight"].sum() for b in window).to(accelerator.device), "mean")
         total, finite = torch.zeros((), device=accelerator.device), True
-        for micro in range(config.optim.grad_accum):
-            batch = next(batches)
-            if not finite:
-                continue  # consume the window's batches so data positions stay step * grad_accum
-            last = micro == config.optim.grad_accum - 1
-            randomness = SampleRandomness.for_batch(config.seed, state.step, micro, first_position,
-                                                    len(batch["weight"]), accelerator.device)
-            weight_norm = accelerator.reduce(batch["weight"].sum().to(accelerator.device), "mean")
+        for micro, batch in enumerate(window):
+            last = micro == len(window) - 1
+            position = (micro * accelerator.num_processes + accelerator.process_index) * config.optim.batch_size
+            randomness = SampleRandomness.for_batch(config.seed, state.step, position, len(batch["weight"]),
+                                                    accelerator.device)
             with contextlib.nullcontext() if last else accelerator.no_sync(denoiser):
                 loss = training_loss(denoiser, frozen, noise_scheduler, batch, randomness, config.dropout,
                                      config.loss, weight_norm)
                 finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min() > 0)
                 if finite:
-                    _backward(accelerator, denoiser, loss / config.optim.grad_accum, last)
-                    total += loss.detach() / config.optim.grad_accum
+                    _backward(accelerator, denoiser, loss, last)
+                    total += loss.detach()
                 elif micro > 0 and accelerator.state.deepspeed_plugin is not None:
                     raise TrainingDiverged(
                         f"step {state.step + 1}: non-finite loss in micro-batch {micro + 1} of {config.optim.grad_accum}; "
                         "DeepSpeed already holds this window's earlier gradients and cannot drop them, so the step "
                         "cannot be skipped: lower optim.lr, or train with DDP where such steps are skipped")
+                else:
+                    break  # the step is skipped; its remaining micro-batches were drawn, so data positions hold
         if finite:
             if trainee.before_step is not None:
                 trainee.before_step()

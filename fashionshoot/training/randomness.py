@@ -3,9 +3,10 @@
 Diffusion training draws noise, timesteps, posterior samples and condition dropout at random. Drawn
 from one process-wide generator, those draws depend on the number of processes and on each one's
 micro-batch size, so 2-process DDP and 1 process on the same global batch would train different
-models. Here every sample gets its own generator, seeded by (run seed, optimizer step, micro-batch,
-position in the global batch): the same sample meets the same randomness however the batch is split,
-and a resumed run meets the same randomness as an uninterrupted one without restoring any RNG state.
+models. Here every sample gets its own generator, seeded by (run seed, optimizer step, position in the
+step's samples across micro-batches and processes): the same sample meets the same randomness however
+the step is split (processes, gradient-accumulation micro-batches), and a resumed run meets the same
+randomness as an uninterrupted one without restoring any RNG state.
 """
 
 from __future__ import annotations
@@ -16,17 +17,21 @@ import numpy as np
 import torch
 
 
-def sample_seed(run_seed: int, step: int, micro: int, position: int) -> int:
-    """A well-mixed 63-bit seed for one sample (``numpy.random.SeedSequence`` hashing, not ``+``/``*``)."""
-    state = np.random.SeedSequence([run_seed, step, micro, position]).generate_state(2, dtype=np.uint32)
+def sample_seed(run_seed: int, step: int, position: int) -> int:
+    """A well-mixed 63-bit seed for one sample (``numpy.random.SeedSequence`` hashing, not ``+``/``*``).
+
+    The 0 is where a micro-batch index once was: kept, runs without gradient accumulation draw what they
+    always drew."""
+    state = np.random.SeedSequence([run_seed, step, 0, position]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
 
 
 class SampleRandomness:
     """One generator per sample of a (per-process) batch; each draw returns ``(B, ...)``.
 
-    ``positions`` are the samples' indices in the *global* batch (``rank * batch_size + i``). Draws
-    happen per sample in call order, so callers must draw in a fixed order.
+    Positions are the samples' indices in the step's whole batch: micro-batch ``m`` of rank ``r`` starts
+    at ``(m * world_size + r) * batch_size``. Draws happen per sample in call order, so callers must draw
+    in a fixed order.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
@@ -36,10 +41,10 @@ class SampleRandomness:
         self._draw_device = generator_device
 
     @classmethod
-    def for_batch(cls, run_seed: int, step: int, micro: int, first_position: int, batch_size: int,
+    def for_batch(cls, run_seed: int, step: int, first_position: int, batch_size: int,
                   device: torch.device | str = "cpu") -> SampleRandomness:
         positions = range(first_position, first_position + batch_size)
-        return cls([sample_seed(run_seed, step, micro, p) for p in positions], device)
+        return cls([sample_seed(run_seed, step, p) for p in positions], device)
 
     def __len__(self) -> int:
         return len(self.generators)
