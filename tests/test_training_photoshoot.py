@@ -55,6 +55,7 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
 
     (tmp_path / ".base-incomplete" / "vae").mkdir(parents=True)  # what a run killed mid-build leaves
     (tmp_path / "base").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-00000007").mkdir(parents=True)  # a save killed midway
     results = run(_config(tmp_path, "optim.max_steps=2", "checkpoint.every=1", "checkpoint.keep=1",
                           "validation.every=1"))
     assert (tmp_path / "base" / "model_index.json").is_file() and not (tmp_path / ".base-incomplete").exists()
@@ -184,6 +185,33 @@ def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, shared: list
     results = run(_config(tmp_path, *shared, "optim.max_steps=3", "checkpoint.every=3"))
     assert results["nan_steps"] == 1 and set(results["losses"]) == {1, 2}
     assert results["checkpoint"].name == "checkpoint-00000003" and results["checkpoint"].is_dir()
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not (e.g. an overflow in backward)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_skipped_too(tmp_path: Path, shared: list[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = loop_module.training_loss, []
+
+    def nan_gradients_at_step_two(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return _NanGradient.apply(loss) if len(calls) == 2 else loss
+
+    monkeypatch.setattr(loop_module, "training_loss", nan_gradients_at_step_two)
+    results = run(_config(tmp_path, *shared, "optim.max_steps=3"))
+    assert results["nan_steps"] == 1 and set(results["losses"]) == {1, 3}
+    assert all(torch.isfinite(v).all() for v in saved_weights(results["pipeline"]).values())
 
 
 def test_bad_config_key_is_named() -> None:

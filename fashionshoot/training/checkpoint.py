@@ -141,7 +141,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
     final = folder / f"checkpoint-{state.step:08d}"
     tmp = folder / f".tmp-checkpoint-{state.step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in folder.glob(".tmp-checkpoint-*"):  # saves interrupted in this or an earlier run
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # every rank writes its own RNG state; rank 0 the rest

@@ -171,8 +171,8 @@ class ValidationConfig:
 @dataclass
 class PhotoshootTrainConfig:
     """``train/photoshoot.py``. ``log_with``: an accelerate tracker name, "auto" (tensorboard when
-    installed, else none) or "none". ``max_nan_steps``: non-finite losses tolerated (skipped) before
-    the run stops."""
+    installed, else none) or "none". ``max_nan_steps``: steps with a non-finite loss or gradients
+    tolerated (skipped) before the run stops."""
 
     output_dir: str = "runs/photoshoot"
     seed: int = 0

@@ -579,6 +579,19 @@ def check_process_count(launched: int, joined: int) -> None:
             "FSDP plugin needs GPUs")
 
 
+def gradients_finite(norm: torch.Tensor | None, fp16_scaled: bool) -> bool:
+    """Whether the step's gradients are finite (``norm``: what ``clip_grad_norm_`` returned).
+
+    A finite loss can still back-propagate to inf/NaN gradients; stepping on them would write NaN into
+    every weight. Under DeepSpeed (``norm`` None) the engine has already stepped; with fp16's gradient
+    scaler the optimizer wrapper skips such steps itself and lowers the scale (skipping the call here
+    would keep the scale too high for ever)."""
+    if norm is None or fp16_scaled:
+        return True
+    whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
+    return bool(torch.isfinite(whole))
+
+
 def _backward(accelerator: Any, denoiser: Any, loss: torch.Tensor, last: bool) -> None:
     """``accelerator.backward``; under DeepSpeed drive the engine so it reduces and steps (clipping by
     ``gradient_clipping``) only on the window's last micro-batch (accelerate would step on every one)."""
@@ -704,7 +717,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         if finite:
             if trainee.before_step is not None:
                 trainee.before_step()
-            accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
+            norm = accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
+            finite = gradients_finite(norm, fp16_scaled=accelerator.scaler is not None)
+        if finite:
             optimizer.step()
             trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
             if trainee.ema is not None:
@@ -724,10 +739,12 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
                     logged["skipped_samples"] = sum(pairs.progress.skipped().values())
                 accelerator.log(logged, step=state.step)
         else:
-            accelerator.print(f"step {state.step}: non-finite loss, step skipped ({state.nan_steps} so far)")
+            accelerator.print(f"step {state.step}: non-finite loss or gradients, step skipped "
+                              f"({state.nan_steps} so far)")
             if state.nan_steps > config.max_nan_steps:
                 raise TrainingDiverged(
-                    f"{state.nan_steps} steps had a non-finite loss (limit max_nan_steps={config.max_nan_steps}), "
+                    f"{state.nan_steps} steps had a non-finite loss or gradients (limit "
+                    f"max_nan_steps={config.max_nan_steps}), "
                     f"the last at step {state.step}: lower optim.lr, prefer mixed_precision=bf16 to fp16, "
                     "or check the data")
         # a skipped step is still a step: its checkpoint and validation are due as usual
