@@ -616,9 +616,9 @@ def _forget_accelerate_state(keep_processes: bool) -> None:
 
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch),
-    ``skipped`` (bad samples this rank's shard stream skipped in the whole run, resumes included, by reason), ``main_process``
-    (whether this process wrote the outputs and ``validation`` metrics) and the paths of the last
-    checkpoint, the pipeline folder and the sample grid."""
+    ``skipped`` (bad samples this rank's shard stream skipped in the whole run, resumes included, by
+    reason), ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the
+    paths of the last checkpoint, the pipeline folder and the sample grid."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
     from diffusers import DDPMScheduler
