@@ -238,12 +238,13 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         """Generate images.
 
         ``garments``: one outfit (``{slot: image}``, or images in slot order with ``None`` for empty
-        slots) or a list of outfits (``None`` in it: a sample without garments). ``keypoints``: one ``(K, 2|3)`` array in output-image pixels
-        (COCO-18, MPII-16 or BODY_25, chosen by ``K``) or a list of them. ``prompt`` /
-        ``negative_prompt``: one string or one per sample (``None``: no text). Inputs of length 1 are shared across the
-        batch. ``image`` / ``mask_image`` (inpainting UNets only): a scene to keep outside the white
-        mask region, one or one per sample. ``same_noise`` gives every sample the same starting noise, so samples differ only by
-        their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`).
+        slots) or a list of outfits (``None`` in it: a sample without garments). ``keypoints``: one
+        ``(K, 2|3)`` array in output-image pixels (COCO-18, MPII-16 or BODY_25, chosen by ``K``) or a list
+        of them. ``prompt`` / ``negative_prompt``: one string or one per sample (``None``: no text).
+        Inputs of length 1 are shared across the batch. ``image`` / ``mask_image`` (inpainting UNets
+        only): a scene to keep outside the white mask region, one or one per sample. ``same_noise`` gives
+        every sample the same starting noise, so samples differ only by their conditions (used by
+        :meth:`outfit_transfer` / :meth:`pose_transfer`).
         """
         self._check_processors()
         height, width = height or self.default_size[0], width or self.default_size[1]
