@@ -579,17 +579,17 @@ def check_process_count(launched: int, joined: int) -> None:
             "FSDP plugin needs GPUs")
 
 
-def gradients_finite(norm: torch.Tensor | None, fp16_scaled: bool) -> bool:
-    """Whether the step's gradients are finite (``norm``: what ``clip_grad_norm_`` returned).
+def gradients_finite(accelerator: Any, norm: torch.Tensor | float | None) -> bool:
+    """Whether a step may apply its gradients, given the norm ``accelerator.clip_grad_norm_`` returned.
 
     A finite loss can still back-propagate to inf/NaN gradients; stepping on them would write NaN into
-    every weight. Under DeepSpeed (``norm`` None) the engine has already stepped; with fp16's gradient
-    scaler the optimizer wrapper skips such steps itself and lowers the scale (skipping the call here
-    would keep the scale too high for ever)."""
-    if norm is None or fp16_scaled:
+    every weight. Under DeepSpeed the engine has already stepped (in :func:`_backward`); with fp16's
+    gradient scaler the optimizer wrapper skips such steps itself and lowers the scale (skipping its call
+    here would keep the scale too high for ever)."""
+    if accelerator.state.deepspeed_plugin is not None or accelerator.scaler is not None or norm is None:
         return True
     whole = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-    return bool(torch.isfinite(whole))
+    return bool(torch.isfinite(torch.as_tensor(whole)))
 
 
 def _backward(accelerator: Any, denoiser: Any, loss: torch.Tensor, last: bool) -> None:
@@ -718,7 +718,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             if trainee.before_step is not None:
                 trainee.before_step()
             norm = accelerator.clip_grad_norm_(trainee.params, config.optim.max_grad_norm)
-            finite = gradients_finite(norm, fp16_scaled=accelerator.scaler is not None)
+            finite = gradients_finite(accelerator, norm)
         if finite:
             optimizer.step()
             trainee.lr_scheduler.step()  # a skipped step does not advance the schedule either
