@@ -67,9 +67,8 @@ def config_mismatches(saved: Mapping[str, Any], current: Mapping[str, Any]) -> l
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first (temporary folders are hidden and skipped)."""
     folder = Path(output_dir) / CHECKPOINT_DIR
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*")
-             if (m := _NAME.match(p.name)) and (p / STATE_NAME).is_file()]
-    return [p for _, p in sorted(found)]
+    found = [p for p in folder.glob("checkpoint-*") if _NAME.match(p.name) and (p / STATE_NAME).is_file()]
+    return sorted(found, key=step_of)
 
 
 def step_of(checkpoint: Path) -> int:
