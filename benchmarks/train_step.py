@@ -63,8 +63,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "photoshoot_tiny.yaml"
 STAGES = (
-    "randomness", "condition dropout", "text: tokenize", "text: encode", "VAE encode", "garment image encoder",
-    "pose maps", "add_noise", "adapter forward", "UNet forward", "loss + finite check", "backward",
+    "randomness", "condition dropout", "text: tokenize + encode", "VAE encode", "garment image encoder",
+    "add_noise", "adapter forward", "UNet forward", "loss + finite check", "backward",
     "clip + AdamW + LR + zero_grad",
 )
 
@@ -99,8 +99,9 @@ def synthetic_batch(config: Any, pipe: Any, batch_size: int) -> tuple[dict[str, 
         style = next(iter(lookbook.images))
         record = pair_record(garment, lookbook, data.split(i), "g.png", {style: "l.png"})
         samples.append(spec.sample(record, data.render_garment(garment), lookbook.images[style]))
+    latent_size = tuple(side // pipe.vae_scale_factor for side in config.data.resolution)
     collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution,
-                                  pipe.garment_adapter.config.conditioning)
+                                  pipe.garment_adapter.config.conditioning, latent_size)
     start = time.perf_counter()
     batch = collator(samples)
     return batch, (time.perf_counter() - start) * 1e3
@@ -158,11 +159,9 @@ class Ours:
     def staged_loss(self, randomness: Any, t: Stages) -> torch.Tensor:
         """``training_loss`` for this benchmark's settings, call for call, with a timer around each part."""
         from fashionshoot.models.attention import CONTROLS_KEY
-        from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
         from fashionshoot.models.guidance import condition_dropout
-        from fashionshoot.models.pose import pose_maps
 
-        batch, pipe, sched = self.batch, self.pipe, self.noise_scheduler
+        batch, frozen, sched = self.batch, self.frozen, self.noise_scheduler
         drop = self.config.dropout
         present = batch["slot_mask"]
         with t("randomness"):
@@ -171,24 +170,14 @@ class Ours:
             dropped = condition_dropout({"slot_mask": present, "prompts": batch["prompts"]},
                                         drop.garment, drop.text, drop.both, uniform=uniform)
         with torch.no_grad():
-            with t("VAE encode"):
-                dist = pipe.vae.encode(batch["lookbook"]).latent_dist
-            with t("randomness"):
-                eps = randomness.randn(dist.mean.shape[1:], dist.mean.dtype)
-            with t("VAE encode"):
-                target_latents = (dist.mean + dist.std * eps) * pipe.vae.config.scaling_factor
-            with t("text: tokenize"):
-                ids = pipe.tokenizer(dropped["prompts"], padding="max_length", truncation=True,
-                                     max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            with t("text: encode"):
-                text = pipe.text_encoder(ids)[0]
+            with t("VAE encode"):  # includes the posterior sample's per-sample draw
+                target_latents = frozen.latents(batch["lookbook"], randomness)
+            with t("text: tokenize + encode"):
+                text = frozen.text(dropped["prompts"])
             with t("garment image encoder"):
-                layer = pipe.garment_adapter.config.feature_layer
-                features = scatter_slots(encode_garment_pixels(pipe.image_encoder, batch["garment_clip"], layer),
-                                         present)
-            with t("pose maps"):
-                pose = pose_maps(batch["keypoints"], tuple(batch["lookbook"].shape[-2:]),
-                                 tuple(target_latents.shape[-2:]))
+                kept = dropped["slot_mask"]
+                features = frozen.garment_features(batch["garment_clip"][kept[present]], kept)
+            pose = batch["pose"]
         with t("randomness"):
             timesteps = randomness.randint(sched.config.num_train_timesteps)
             noise = randomness.randn(target_latents.shape[1:], target_latents.dtype)
@@ -277,10 +266,9 @@ class Bare:
                 latents = dist.sample()
             with t("VAE encode"):
                 latents = latents * self.vae.config.scaling_factor
-            with t("text: tokenize"):
+            with t("text: tokenize + encode"):
                 ids = self.tokenizer(self.prompts, padding="max_length", truncation=True,
                                      max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            with t("text: encode"):
                 encoder_hidden_states = self.text_encoder(ids, return_dict=False)[0]
         with t("randomness"):
             noise = torch.randn_like(latents)
@@ -317,9 +305,7 @@ def unet_ablation(ours: Ours, bare: Bare) -> dict[str, Callable[[], None]]:
         latents = bare.vae.encode(batch["lookbook"]).latent_dist.mode() * bare.vae.config.scaling_factor
         text = ours.frozen.text(batch["prompts"])
         features = ours.frozen.garment_features(batch["garment_clip"], batch["slot_mask"])
-        from fashionshoot.models.pose import pose_maps
-
-        pose = pose_maps(batch["keypoints"], tuple(batch["lookbook"].shape[-2:]), tuple(latents.shape[-2:]))
+        pose = batch["pose"]
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(0, 1000, (len(latents),), generator=generator)

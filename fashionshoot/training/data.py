@@ -2,8 +2,8 @@
 
 The collator does all per-sample image work in DataLoader workers: lookbook pixels for the VAE
 target, the garment twice (image-encoder pixels for cross-attention, VAE pixels for the reference
-path), the slot each garment fills, pose keypoints rescaled to the training resolution, caption and
-confidence weight. The order of a manifest's samples is :class:`EpochBatchSampler`'s, not accelerate's,
+path), the slot each garment fills, pose keypoints rescaled to the training resolution (and their
+heatmaps at the latent size), caption and confidence weight. The order of a manifest's samples is :class:`EpochBatchSampler`'s, not accelerate's,
 so a resumed run can start mid-epoch on exactly the batch the interrupted run would have drawn next;
 shards are streamed by :mod:`fashionshoot.training.shard_batches`, which checkpoints its place instead.
 :func:`load_pairs` picks the source.
@@ -25,6 +25,7 @@ from fashionshoot.data.pairs import PairManifestDataset, SampleSpec, read_manife
 from fashionshoot.data.records import PairRecord
 from fashionshoot.data.transforms import to_tensor
 from fashionshoot.errors import DataError
+from fashionshoot.models.pose import pose_maps
 from fashionshoot.training.config import DataConfig
 from fashionshoot.training.shard_batches import StreamProgress, fit_images, shard_batches, unpack_test_split
 
@@ -157,15 +158,19 @@ class PhotoshootCollator:
     (``(B, 3, H, W)`` in ``[-1, 1]``, reference); ``slot_mask`` ``(B, S)`` with one garment per sample,
     ``keypoints`` (list, ``None`` where missing), ``garment_box`` ``(B, 4)`` (training pixels, NaN rows
     where missing), ``prompts`` (captions, ``""`` where missing), ``weight`` ``(B,)`` and ``pair_ids``.
+    With ``latent_size`` ``(h, w)`` also ``pose``: the ``(B, 18, h, w)`` heatmaps the UNet's pose channels
+    read (:func:`~fashionshoot.models.pose.pose_maps`), drawn here in the workers, not in the training step.
     """
 
     def __init__(self, image_processor: Any, slots: Sequence[str], slot_map: Mapping[str, str],
-                 resolution: tuple[int, int], conditioning: Conditioning = "both") -> None:
+                 resolution: tuple[int, int], conditioning: Conditioning = "both",
+                 latent_size: tuple[int, int] | None = None) -> None:
         self.image_processor = image_processor
         self.slots = tuple(slots)
         self.slot_map = dict(slot_map)
         self.resolution = (int(resolution[0]), int(resolution[1]))
         self.conditioning = conditioning
+        self.latent_size = latent_size
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         records: list[PairRecord] = [s["record"] for s in samples]
@@ -178,11 +183,14 @@ class PhotoshootCollator:
             garment["garment_clip"] = self.image_processor(images=garments, return_tensors="pt").pixel_values
         if self.conditioning != "cross_attention":
             garment["garment_vae"] = vae_pixels(garments, self.resolution)
+        keypoints = [keypoints_at(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)]
+        if self.latent_size is not None:
+            garment["pose"] = pose_maps(keypoints, self.resolution, self.latent_size)
         return {
             "lookbook": vae_pixels([s["lookbook"] for s in samples], self.resolution),
             **garment,
             "slot_mask": slot_mask,
-            "keypoints": [keypoints_at(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
+            "keypoints": keypoints,
             "garment_box": torch.tensor([_box(r, s["lookbook"], self.resolution) for r, s in zip(records, samples, strict=True)],
                                         dtype=torch.float32),
             "prompts": [caption(r) for r in records],

@@ -29,7 +29,6 @@ from fashionshoot.errors import ConfigError, FashionshootError
 from fashionshoot.models.denoiser import PhotoshootDenoiser
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
 from fashionshoot.models.guidance import condition_dropout
-from fashionshoot.models.pose import pose_maps
 from fashionshoot.models.unet_inputs import inpaint_inputs
 from fashionshoot.pipelines.photoshoot import PhotoshootPipeline, load_photoshoot_pipeline
 from fashionshoot.training.checkpoint import (
@@ -79,21 +78,33 @@ class TrainingDiverged(FashionshootError, RuntimeError):
 
 @dataclass
 class Frozen:
-    """The pipeline parts that only encode inputs: never trained, run under ``no_grad`` in ``dtype``."""
+    """The pipeline parts that only encode inputs: never trained, run under ``inference_mode`` in ``dtype``.
+
+    ``inference_mode`` is ``no_grad`` without autograd's version counters and view tracking (about 10 %
+    off the tiny default config's encoders on the CPU). It makes inference tensors, which autograd
+    refuses to save for backward, so each method ends with one ordinary op outside it (a gather, a
+    scale, a scatter): what they return are normal tensors."""
 
     pipe: PhotoshootPipeline
     device: torch.device
     dtype: torch.dtype
 
-    def text(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.pipe.tokenizer(prompts, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+    def text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text-encoder states, one row per prompt, encoding each distinct prompt once: condition
+        dropout turns many prompts into ``""`` (90 % in the tiny default config)."""
+        distinct = list(dict.fromkeys(prompts))
+        ids = self.pipe.tokenizer(distinct, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
                                   truncation=True, return_tensors="pt").input_ids
-        return self.pipe.text_encoder(ids.to(self.device))[0]
+        with torch.inference_mode():
+            states = self.pipe.text_encoder(ids.to(self.device))[0]
+        row = {prompt: i for i, prompt in enumerate(distinct)}
+        return states[torch.tensor([row[p] for p in prompts], device=states.device)]
 
     def latents(self, pixels: torch.Tensor, randomness: SampleRandomness | None = None) -> torch.Tensor:
         """Scaled VAE latents: the posterior mode, or with ``randomness`` a posterior sample
         ``mean + std * eps`` (SD training samples its targets; garment references use the mode)."""
-        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        with torch.inference_mode():
+            dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
         if randomness is None:
             latents = dist.mode()
         else:
@@ -101,8 +112,16 @@ class Frozen:
         return latents * self.pipe.vae.config.scaling_factor
 
     def garment_features(self, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``(B, S, L, D)`` image-encoder features of the garments ``mask`` marks, one row of ``pixels``
+        each (in ``mask``'s row-major order), zero elsewhere. With no garment the encoder is not run:
+        the grid holds one zero token per slot, which the adapter never reads."""
+        encoder = self.pipe.image_encoder
+        if len(pixels) == 0:
+            return torch.zeros(*mask.shape, 1, encoder.config.hidden_size, device=self.device, dtype=self.dtype)
         layer = self.pipe.garment_adapter.config.feature_layer
-        return scatter_slots(encode_garment_pixels(self.pipe.image_encoder, pixels.to(self.device, self.dtype), layer), mask)
+        with torch.inference_mode():
+            features = encode_garment_pixels(encoder, pixels.to(self.device, self.dtype), layer)
+        return scatter_slots(features, mask)
 
 
 def _tracker(name: str) -> str | None:
@@ -237,14 +256,22 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
     with torch.no_grad():
         target_latents = frozen.latents(batch["lookbook"], randomness)
         text = frozen.text(dropped["prompts"])
-        features = frozen.garment_features(batch["garment_clip"], present) if adapter.uses_cross_attention else None
+        features = None
+        if adapter.uses_cross_attention:  # only garments that survived dropout: the adapter reads no other
+            kept = dropped["slot_mask"]
+            pixels = batch["garment_clip"]
+            features = frozen.garment_features(pixels[kept[present].to(pixels.device)], kept)
         garment_latents = reference_context = None
         if adapter.uses_reference:
             garment_latents = scatter_slots(frozen.latents(batch["garment_vae"]), present)
             reference_context = frozen.text([""])
         pose = None
         if frozen.pipe.pose_channels:
-            pose = pose_maps(batch["keypoints"], tuple(batch["lookbook"].shape[-2:]), tuple(target_latents.shape[-2:]))
+            pose = batch.get("pose")
+            if pose is None or pose.shape[-2:] != target_latents.shape[-2:]:
+                got = "no 'pose'" if pose is None else f"'pose' of {tuple(pose.shape[-2:])}"
+                raise ConfigError(f"this UNet reads pose heatmaps at the latent size {tuple(target_latents.shape[-2:])}; "
+                                  f"the batch has {got}: collate with PhotoshootCollator(latent_size=...)")
             pose = pose.to(frozen.device, frozen.dtype)
         inpaint = None
         if frozen.pipe.unet_inputs.inpaint:  # inpainting base: train the regenerate-everything mode
@@ -665,8 +692,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         trainee.per_rank["data"] = pairs.progress
     pipe, frozen, denoiser, optimizer = trainee.pipe, trainee.frozen, trainee.denoiser, trainee.optimizer
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latent_size = tuple(side // pipe.vae_scale_factor for side in config.data.resolution)
     collator = PhotoshootCollator(pipe.feature_extractor, pipe.slots, config.data.slot_map, config.data.resolution,
-                                  pipe.garment_adapter.config.conditioning)
+                                  pipe.garment_adapter.config.conditioning, latent_size if pipe.pose_channels else None)
 
     def batches_at(step: int) -> tuple[int, Any]:
         return pairs.batches_at(collator, config.optim.batch_size, config.seed, accelerator.process_index,
