@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fashionshoot import testing
+from fashionshoot.errors import ConfigError
 from fashionshoot.models.attention import CONTROLS_KEY
 from fashionshoot.models.denoiser import PhotoshootDenoiser
 from fashionshoot.models.garment_adapter import (
@@ -17,7 +18,12 @@ from fashionshoot.models.garment_adapter import (
     GarmentConditioning,
     install_garment_attention,
 )
-from fashionshoot.models.garment_encoder import GarmentProjector, encode_garment_pixels, scatter_slots
+from fashionshoot.models.garment_encoder import (
+    AttentionPool,
+    GarmentProjector,
+    encode_garment_pixels,
+    scatter_slots,
+)
 from fashionshoot.models.pose import POSE_CHANNELS, expand_conv_in
 from fashionshoot.models.reference_net import write_reference
 from fashionshoot.weights import load_pretrained
@@ -166,14 +172,35 @@ def test_projector_packs_each_samples_garments_to_the_front_in_slot_order():
     assert tokens.shape == (3, 2 * 3, 16)  # the most garments in a sample (2) x 3 tokens
     assert valid.tolist() == [[True] * 6, [False] * 6, [True] * 3 + [False] * 3]
 
+    torch_pool = torch.nn.MultiheadAttention(16, 2, batch_first=True)  # what the projector's pool computes
+    torch_pool.load_state_dict(projector.pool.state_dict())
+
     def pooled(sample: int, slot: int) -> torch.Tensor:
         x = projector.proj_in(features[sample, slot])[None]
-        out = projector.pool(projector.queries[None], x, x, need_weights=False)[0][0]
+        out = torch_pool(projector.queries[None], x, x, need_weights=False)[0][0]
         return projector.norm(out) + projector.slot_embedding.weight[slot]
 
     assert torch.allclose(tokens[0, :3], pooled(0, 2), atol=1e-5)
     assert torch.allclose(tokens[0, 3:], pooled(0, 4), atol=1e-5)
     assert torch.allclose(tokens[2, :3], pooled(2, 0), atol=1e-5)
+
+
+def test_attention_pool_is_torch_multihead_attention_initialised_and_computed_faster():
+    torch.manual_seed(3)
+    ours = AttentionPool(16, 2)
+    torch.manual_seed(3)
+    theirs = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    queries, tokens = torch.randn(5, 3, 16, requires_grad=True), torch.randn(5, 7, 16, requires_grad=True)
+    got, want = ours(queries, tokens), theirs(queries, tokens, tokens, need_weights=False)[0]
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.square().sum(), (queries, tokens)) for out in (got, want)]
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ConfigError, match="width 16 is not divisible by 3 heads"):
+        AttentionPool(16, 3)
 
 
 def test_projector_round_trips(tmp_path):

