@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
@@ -65,6 +67,11 @@ def test_pipeline_round_trips_exactly(pipe, tmp_path):
     reloaded = load_photoshoot_pipeline(tmp_path)
     reloaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(_run(reloaded, {"top": TOP, "bottom": BOTTOM}), out)
+
+
+def test_every_model_component_has_its_place_in_the_cpu_offload_order(pipe):
+    models = {name for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
+    assert models == set(pipe.model_cpu_offload_seq.split("->"))
 
 
 def test_slot_order_is_fixed_and_empty_slots_are_ignored(pipe):
@@ -145,6 +152,8 @@ def test_bad_inputs_raise_clear_errors(pipe):
         _run(pipe, {"top": TOP}, np.zeros((18, 6)))
     with pytest.raises(DataError, match="disagree"):
         _run(pipe, [{"top": TOP}, {"top": BAG}], prompt=["a", "b", "c"])
+    with pytest.raises(DataError, match="3 generators for 2 starting noises"):
+        _run(pipe, [{"top": TOP}, {"top": BAG}], generator=[torch.Generator().manual_seed(s) for s in range(3)])
 
 
 def test_replaced_attention_processors_are_refused_and_xformers_keeps_them(folder, caplog):
@@ -187,7 +196,7 @@ def test_folder_without_adapter_is_a_missing_weights_error(folder, tmp_path):
         load_photoshoot_pipeline(broken)
 
 
-def test_generate_cli_writes_pngs(folder, tmp_path):
+def test_generate_cli_writes_pngs(folder, tmp_path, capsys):
     (tmp_path / "top.png").parent.mkdir(exist_ok=True)
     TOP.save(tmp_path / "top.png")
     (tmp_path / "pose.json").write_text(json.dumps({"keypoints": (_pose() * 2).tolist(), "size": [64, 64]}))
@@ -196,7 +205,11 @@ def test_generate_cli_writes_pngs(folder, tmp_path):
     assert generate_main(argv) == 0
     written = sorted((tmp_path / "out").glob("*.png"))
     assert len(written) == 2 and Image.open(written[0]).size == (32, 32)
-    assert (tmp_path / "out" / "config.yaml").is_file()
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert (saved["height"], saved["width"]) == (32, 32)  # the size used, though the command gave none
+    (tmp_path / "seventeen.json").write_text(json.dumps(np.zeros((17, 3)).tolist()))
+    assert generate_main([*argv[:2], f"keypoints={tmp_path / 'seventeen.json'}", f"out_dir={tmp_path / 'bad'}"]) == 1
+    assert re.search(r"seventeen\.json: got 17 keypoints; accepted joint counts", capsys.readouterr().err)
     assert generate_main([f"pipeline={folder}", f"garments.hat={tmp_path / 'top.png'}",
                           f"out_dir={tmp_path / 'bad'}"]) == 1
 

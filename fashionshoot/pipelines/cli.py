@@ -25,6 +25,7 @@ images.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import shlex
@@ -86,6 +87,7 @@ def _changed(config: GenerateConfig, keys: tuple[str, ...]) -> list[str]:
 def read_keypoints(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """Keypoints from a JSON file (see the module doc), in the ``(width, height)`` output frame."""
     from fashionshoot.data.pose import as_keypoints, rescale_keypoints
+    from fashionshoot.models.pose import to_coco18
 
     path = Path(path)
     try:
@@ -101,6 +103,7 @@ def read_keypoints(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         frame = data.get("size")
         data = data.get("keypoints")
     keypoints = as_keypoints(data, where=str(path))
+    to_coco18(keypoints, where=str(path))  # a joint count no format has: named here, with the file
     return rescale_keypoints(keypoints, tuple(frame), size) if frame else keypoints
 
 
@@ -161,7 +164,7 @@ def generate(config: GenerateConfig) -> list[Path]:
     ).images
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, out_dir)
+    save_config(dataclasses.replace(config, height=height, width=width), out_dir)  # the size used, not "default"
     paths = [out_dir / f"image_{i:03d}.png" for i in range(len(images))]
     for image, path in zip(images, paths, strict=True):
         image.save(path)
@@ -208,7 +211,7 @@ def generate_eval_set(config: GenerateConfig) -> list[Path]:
     out = Path(config.out_dir)
     for folder in ("generated", "references", "garments"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    save_config(config, out)
+    save_config(dataclasses.replace(config, height=height, width=width), out)
     written, rows, garments = [], [], set()
     pairs = generate_pairs(pipe, records, manifest.parent, settings)
     for pair in tqdm(pairs, total=len(records), desc="generating", unit="pair"):

@@ -75,7 +75,9 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
     as ``negative_prompt``.
     """
 
-    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    #: Call order for ``enable_model_cpu_offload``: each model moves to the GPU when called, evicting the one before.
+    #: A module left out would be offloaded layer by layer on every call instead.
+    model_cpu_offload_seq = "text_encoder->image_encoder->garment_adapter->unet->vae"
 
     def __init__(
         self,
@@ -282,6 +284,9 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
                  width // self.vae_scale_factor)
         if latents is None:
             noise_shape = (n, *shape[1:]) if same_noise else shape
+            if isinstance(generator, list) and len(generator) != noise_shape[0]:
+                raise DataError(f"{len(generator)} generators for {noise_shape[0]} starting noises: pass one "
+                                "generator, or one per generated image (one per image of a prompt with same_noise)")
             latents = randn_tensor(noise_shape, generator=generator, device=device, dtype=dtype)
             latents = latents.repeat(batch, 1, 1, 1) if same_noise else latents
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
