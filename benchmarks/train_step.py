@@ -5,12 +5,14 @@ tiny size". Both sides get the same pre-collated batch: ``--batch-size`` synthet
 :class:`~fashionshoot.data.synthetic.SyntheticFashion` (the ``data.synthetic`` settings of
 ``configs/photoshoot_tiny.yaml``), run once through the real :class:`PhotoshootCollator` at the
 config's ``data.resolution``. Collation happens in DataLoader workers in a real run, so it is not
-timed (its one-off cost is printed for reference).
+timed (its one-off cost is printed for reference); it includes drawing the pose heatmaps at the latent
+size, which the loop's collator does there too.
 
 ours   what ``fashionshoot.training.loop.run`` does per optimizer step (grad_accum 1, one process):
        ``SampleRandomness.for_batch``, ``training_loss`` (condition dropout, VAE posterior sample,
-       text and garment-image encoders, pose maps, garment adapter + UNet through
-       ``PhotoshootDenoiser``), the finite-loss check, backward, grad clipping, AdamW step, LR
+       the text encoder on the step's distinct prompts, the garment-image encoder on the garments
+       kept after dropout -- both ``Frozen`` methods, under ``inference_mode`` --, garment adapter +
+       UNet through ``PhotoshootDenoiser``), the finite-loss check, backward, grad clipping, AdamW step, LR
        schedule step, ``zero_grad``. Model: ``save_tiny_photoshoot_pipeline(conditioning=
        "cross_attention", randomize_zero_init=False)``; frozen encoders, denoiser and trainable groups
        from ``trainable_denoiser``, as the loop builds them.
