@@ -39,7 +39,7 @@ and the median and quartiles of the per-round ratios, which show how much one ru
 move). A staged copy of each step (the same calls with timers between them, checked to give the same
 loss as ``training_loss``) shows where the time goes.
 
-    PYTHONPATH=. python benchmarks/train_step.py [--repeats 15] [--threads 2] [--batch-size 4]
+    PYTHONPATH=. python benchmarks/train_step.py [--repeats 30] [--threads 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def unet_ablation(ours: Ours, bare: Bare) -> dict[str, Callable[[], None]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds (one step per candidate each)")
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds (one step per candidate each)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--batch-size", type=int, default=None, help="default: optim.batch_size of the config")
