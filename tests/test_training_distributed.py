@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,16 +181,27 @@ def test_two_process_ddp_streams_shards_and_resumes_each_rank_exactly(
         tmp_path: Path, small_inputs: tuple[list[str], Path]) -> None:
     """Each rank streams its own part of the shards through 2 DataLoader workers and checkpoints its own place
     (data-rank<R>.pt): a 2-process run killed after step 1 of 3 (one batch per rank: the resumed loaders start
-    on their second worker's turn) and resumed ends bit-identical."""
+    on their second worker's turn) and resumed ends bit-identical. Every fourth training lookbook does not
+    decode: each rank reports what it skipped, and the summary all ranks' total."""
     from fashionshoot.data.pairs import read_manifest
     from fashionshoot.data.shards import write_pair_shards
 
     common, _ = small_inputs
     manifest = Path(next(o for o in common if o.startswith("data.manifest=")).split("=", 1)[1])
-    write_pair_shards(read_manifest(manifest), manifest.parent, tmp_path / "shards", samples_per_shard=10)
+    images = shutil.copytree(manifest.parent, tmp_path / "set")
+    records = read_manifest(manifest)
+    for record in [r for r in records if r.split == "train"][::4]:
+        (images / record.lookbook_image).write_bytes(b"not an image")
+    write_pair_shards(records, images, tmp_path / "shards", samples_per_shard=10)
     streamed = [*(o for o in common if not o.startswith("data.manifest=")), f"data.shards={tmp_path / 'shards'}",
                 "data.num_workers=2", f"optim.max_steps={STEPS}", "optim.grad_accum=1", f"checkpoint.keep={STEPS}"]
-    two = _train(tmp_path / "two", streamed, processes=2, batch_size=2)
+    done = _launch(tmp_path / "two", streamed, 2, 2)
+    assert done.returncode == 0, done.stderr[-4000:]
+    per_rank = re.findall(r"rank (\d): skipped (\d+) bad training sample", done.stdout)
+    assert sorted(rank for rank, _ in per_rank) == ["0", "1"]
+    total = sum(int(n) for _, n in per_rank)
+    assert f"; {total} bad training samples skipped" in done.stdout
+    two = saved_weights(tmp_path / "two" / "pipeline")
     places = [torch.load(tmp_path / "two" / "checkpoints" / "checkpoint-00000001" / f"data-rank{rank}.pt")
               for rank in (0, 1)]
     assert [place["batches"] for place in places] == [1, 1]

@@ -86,8 +86,6 @@ def test_bad_samples_are_skipped_and_counted_over_resumes_and_an_empty_stream_is
         assert resumed.skipped() == progress.skipped(), stop
 
     nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
-
-    nothing = DataConfig(shards=str(shard_dir), tier="low", min_confidence=0.99)
     with pytest.raises(DataError, match=r"rank 0 worker 0 found no usable sample in epoch 0"):
         draw(nothing, StreamProgress(1), 1)
 

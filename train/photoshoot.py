@@ -46,7 +46,8 @@ def main(argv: list[str]) -> int:
         print(f"train/photoshoot.py: error: {err}\nusage: {USAGE}", file=sys.stderr)
         return 2
     if results["main_process"]:  # one summary per run, not per process
-        print(f"trained to step {results['step']} ({results['nan_steps']} non-finite steps skipped); "
+        bad = f"; {results['skipped_total']} bad training samples skipped" if results["skipped_total"] else ""
+        print(f"trained to step {results['step']} ({results['nan_steps']} non-finite steps skipped{bad}); "
               f"pipeline: {results['pipeline']}; "
               f"samples: {results['grid']}; checkpoint: {results['checkpoint']}")
         print(f"validation metrics ({results['metrics']}):\n{results['metrics'].read_text()}", end="")

@@ -238,6 +238,11 @@ def garment_region_weights(boxes: torch.Tensor, pixels: tuple[int, int], latents
     return (weights / weights.mean(dim=(1, 2), keepdim=True))[:, None]
 
 
+def _sum_over_ranks(accelerator: Any, count: int) -> int:
+    """``count`` summed over the processes (a collective: every rank calls it at the same point)."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
+
+
 def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: Any, batch: dict[str, Any],
                   randomness: SampleRandomness, dropout: DropoutConfig, loss: LossConfig,
                   weight_norm: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -644,7 +649,7 @@ def _forget_accelerate_state(keep_processes: bool) -> None:
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch),
     ``skipped`` (bad samples this rank's shard stream skipped in the whole run, resumes included, by
-    reason), ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the
+    reason), ``skipped_total`` (all ranks' together), ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the
     paths of the last checkpoint, the pipeline folder and the sample grid."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
@@ -763,8 +768,8 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             if state.step % config.log_every == 0:
                 logged = {"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
                           "nan_steps": state.nan_steps}
-                if pairs.progress is not None:
-                    logged["skipped_samples"] = sum(pairs.progress.skipped().values())
+                if pairs.progress is not None:  # every rank's count, not only the logging process's
+                    logged["skipped_samples"] = _sum_over_ranks(accelerator, sum(pairs.progress.skipped().values()))
                 accelerator.log(logged, step=state.step)
         else:
             accelerator.print(f"step {state.step}: non-finite loss or gradients, step skipped "
@@ -795,7 +800,9 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     if skipped:  # each rank streams its own part: each says what it skipped (the worker logs say where)
         print(f"rank {accelerator.process_index}: skipped {sum(skipped.values())} bad training sample(s) while "
               f"streaming: {skipped}", flush=True)
+    skipped_total = _sum_over_ranks(accelerator, sum(skipped.values())) if pairs.progress is not None else 0
     results: dict[str, Any] = {"step": state.step, "nan_steps": state.nan_steps, "losses": losses, "skipped": skipped,
+                               "skipped_total": skipped_total,
                                "main_process": accelerator.is_main_process,
                                "checkpoint": last_checkpoint, "pipeline": out / "pipeline",
                                "grid": out / "samples.png", "metrics": out / "metrics.md", "validation": {}}
