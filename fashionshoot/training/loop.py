@@ -238,11 +238,6 @@ def garment_region_weights(boxes: torch.Tensor, pixels: tuple[int, int], latents
     return (weights / weights.mean(dim=(1, 2), keepdim=True))[:, None]
 
 
-def _sum_over_ranks(accelerator: Any, count: int) -> int:
-    """``count`` summed over the processes (a collective: every rank calls it at the same point)."""
-    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
-
-
 def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: Any, batch: dict[str, Any],
                   randomness: SampleRandomness, dropout: DropoutConfig, loss: LossConfig,
                   weight_norm: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -611,6 +606,11 @@ def check_process_count(launched: int, joined: int) -> None:
             "FSDP plugin needs GPUs")
 
 
+def _sum_over_ranks(accelerator: Any, count: int) -> int:
+    """``count`` summed over the processes (a collective: every rank calls it at the same point)."""
+    return int(accelerator.reduce(torch.tensor(count, device=accelerator.device), "sum").item())
+
+
 def gradients_finite(accelerator: Any, norm: torch.Tensor | float | None) -> bool:
     """Whether a step may apply its gradients, given the norm ``accelerator.clip_grad_norm_`` returned.
 
@@ -649,8 +649,9 @@ def _forget_accelerate_state(keep_processes: bool) -> None:
 def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
     """Train as configured; returns ``step``, ``nan_steps``, ``losses`` (step -> loss of the global batch),
     ``skipped`` (bad samples this rank's shard stream skipped in the whole run, resumes included, by
-    reason), ``skipped_total`` (all ranks' together), ``main_process`` (whether this process wrote the outputs and ``validation`` metrics) and the
-    paths of the last checkpoint, the pipeline folder and the sample grid."""
+    reason), ``skipped_total`` (all ranks' together), ``main_process`` (whether this process wrote the
+    outputs and ``validation`` metrics) and the paths of the last checkpoint, the pipeline folder and the
+    sample grid."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
     from diffusers import DDPMScheduler
