@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -88,6 +89,56 @@ def test_jsonl_errors_name_file_and_line(tmp_path: Path, pairs: list[PairRecord]
         assert f"{path}:3" in str(err.value)
 
 
+BAD_FIELDS = {
+    "confidence": ["high", "0.5", True, math.nan, 1.5, None],
+    "crop_box": ["abcd", [1, 2, 3, "x"], [1, 2, 3, math.nan], [1, 2, 3], [1, 2, 3, True], 5],
+    "tier": [["high"]],
+    "scores": ["x", {"siglip": "0.9"}, {"siglip": True}, {"siglip": None}],
+    "rank": ["first", 1.5, True],
+    "split": [5],
+    "pair_id": [7],
+    "category": [None],
+    "metadata": [[1, 2]],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("key", "value"), [(k, v) for k, vs in BAD_FIELDS.items() for v in vs])
+def test_wrongly_typed_fields_are_data_errors_naming_line_and_pair(tmp_path: Path, pairs: list[PairRecord],
+                                                                    key: str, value: object) -> None:
+    """A "0.5" confidence once passed and broke select_pairs later; "high" raised a bare ValueError."""
+    row = {**pairs[1].to_dict(), key: value}
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(pairs[0].to_dict()) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"{key}") as err:
+        read_manifest(path)
+    assert str(err.value).startswith(f"{path}:2: pair ")
+    assert "p0001" in str(err.value) or key == "pair_id"
+
+
+def test_record_numbers_are_normalised(pairs: list[PairRecord]) -> None:
+    record = PairRecord(**{**pairs[0].to_dict(), "confidence": 1, "rank": np.int64(2),
+                           "crop_box": np.array([1, 2, 3, 4], np.float32), "scores": {"a": np.float32(0.5)}})
+    assert (record.confidence, record.rank, record.crop_box, record.scores) == (1.0, 2, (1.0, 2.0, 3.0, 4.0),
+                                                                                 {"a": 0.5})
+    assert type(record.confidence) is float and type(record.rank) is int
+    assert json.loads(json.dumps(record.to_dict()))["crop_box"] == [1.0, 2.0, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_write_manifest_refuses_records_read_manifest_would_reject(tmp_path: Path, pairs: list[PairRecord],
+                                                                    suffix: str) -> None:
+    nan_keypoints = PairRecord(**{**pairs[1].to_dict(), "keypoints": [[math.nan, 1.0, 1.0]] + [[1.0, 1.0, 1.0]] * 17})
+    ragged = PairRecord(**{**pairs[2].to_dict(), "keypoints": [[1.0, 2.0]]})
+    mutated = PairRecord(**pairs[3].to_dict())
+    mutated.confidence = "0.5"  # type: ignore[assignment]
+    path = tmp_path / f"m{suffix}"
+    for bad, message in ((nan_keypoints, "keypoint row 0"), (ragged, "keypoint row 0"), (mutated, "confidence")):
+        with pytest.raises(DataError, match=message) as err:
+            write_manifest([pairs[0], bad], path)
+        assert str(err.value).startswith(f"{path}: pair {bad.pair_id!r}")
+        assert not path.exists()
+
+
 def test_manifest_path_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unsupported manifest type"):
         read_manifest(tmp_path / "m.csv")
@@ -121,6 +172,15 @@ def test_select_pairs_nested_and_exact(pairs: list[PairRecord]) -> None:
     assert {r.category for r in select_pairs(pairs, categories=["dress"])} == {"dress"}
     with pytest.raises(DataError, match="tier 'best'"):
         PairFilter(tiers="best")
+
+
+def test_a_single_category_name_is_not_a_substring_test() -> None:
+    """``categories="dress"`` once kept "", "dre" and "s": ``in`` a str is a substring test."""
+    records = [PairRecord(f"p{i}", "g", "l", "g.jpg", "l.jpg", category=c)
+               for i, c in enumerate(["dress", "", "dre", "s", "dresses", "top"])]
+    assert [r.category for r in select_pairs(records, categories="dress")] == ["dress"]
+    assert [r.category for r in select_pairs(records, categories=("dress", "top"))] == ["dress", "top"]
+    assert PairFilter(categories="top").accepts(records[5]) and not PairFilter(categories="top").accepts(records[1])
 
 
 def test_confidence_weights_and_sampler(pairs: list[PairRecord]) -> None:

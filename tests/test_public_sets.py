@@ -26,6 +26,7 @@ from public_fixtures import (
 from fashionshoot.data.faults import FaultReport
 from fashionshoot.data.records import PairRecord
 from fashionshoot.data.sets import DeepFashion2, DressCode, FaceSynthetics, SynFashion, VitonHD
+from fashionshoot.data.shards import PairShardStream, write_pair_shards
 from fashionshoot.data.transforms import (
     ResizeSample,
     center_crop,
@@ -104,6 +105,9 @@ def test_dresscode_pair_records(dresscode):
     assert (r.garment_image, r.lookbook_image) == ("upper_body/images/000001_1.jpg", "upper_body/images/000003_0.jpg")
     assert r.category == "upper_body" and r.split == "test" and (dresscode / r.garment_image).is_file()
     assert len({x.pair_id for x in recs}) == len(recs)
+    assert r.pair_id == "dresscode-test-upper_body-000003_0-000001_1"
+    assert (r.garment_id, r.lookbook_id) == ("dresscode/upper_body/images/000001_1.jpg",
+                                             "dresscode/upper_body/images/000003_0.jpg")
 
 
 def test_dresscode_layout_errors_name_what_is_missing(dresscode):
@@ -215,10 +219,12 @@ def test_deepfashion2_positives_need_same_pair_id_and_style(df2):
     pairs = {(_key(ds, u), _key(ds, s)) for u, s in ds.positive_pairs()}
     assert pairs == {("000001:item1", "000002:item1"), ("000004:item1", "000002:item2")}
     recs = ds.to_pair_records()
-    assert len(recs) == 2 and all(r.tier == "high" and r.split == "validation" for r in recs)
+    assert len(recs) == 2 and all(r.tier == "high" and r.split == "val" for r in recs)  # the documented name
     r = next(r for r in recs if r.lookbook_image.endswith("000004.jpg"))
     assert r.garment_image == "validation/image/000002.jpg" and r.crop_box == (4.0, 4.0, 24.0, 36.0)
     assert r.metadata["garment_box"] == [1, 2, 11, 12] and r.category == "trousers"
+    assert r.pair_id == "deepfashion2-val-000002-item2-000004-item1"
+    assert (r.garment_id, r.lookbook_id) == ("deepfashion2/000002:item2", "deepfashion2/000004:item1")
 
 
 def test_deepfashion2_malformed_annotation_raises_or_is_counted(df2):
@@ -271,6 +277,34 @@ def test_missing_root_is_named(tmp_path):
             cls(tmp_path / "nowhere")
 
 
+# ---------------------------------------------------------------- records into shards
+
+SETS = {
+    "dresscode": (make_dresscode, DressCode, ("train", "test")),
+    "vitonhd": (make_vitonhd, VitonHD, ("train", "test")),
+    "deepfashion2": (make_deepfashion2, DeepFashion2, ("train", "validation")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_public_records_pack_into_shards_and_read_back(tmp_path, name):
+    """Ids built from paths (``dresscode/upper_body/images/...|...``) were refused as shard keys for every
+    record of every set; both splits go into one shard set, so keys must also differ across splits."""
+    make, cls, splits = SETS[name]
+    root = make(tmp_path)
+    records = [r for split in splits for r in cls(root, split=split).to_pair_records()]
+    assert {r.split for r in records} == {"train", "test" if name != "deepfashion2" else "val"}
+    index = write_pair_shards(records, root, tmp_path / "shards", samples_per_shard=2)
+    assert index.count() == len(records)
+    stream = PairShardStream(tmp_path / "shards", rank=0, world_size=1)
+    got = {s["record"].pair_id: s for s in stream}
+    assert stream.faults.total == 0 and set(got) == {r.pair_id for r in records}
+    for r in records:
+        back = got[r.pair_id]
+        assert (back["record"].garment_id, back["record"].split) == (r.garment_id, r.split)
+        assert back["lookbook"].size == Image.open(root / r.lookbook_image).size
+
+
 # ---------------------------------------------------------------- transforms
 
 
@@ -281,6 +315,19 @@ def test_resize_and_pad_moves_points_with_the_image():
     assert out.size == (20, 20) and aff.offset_y == 5 and aff.scale_x == 0.5
     x, y = aff.apply_points(np.array([[30.0, 10.0, 1.0]]))[0, :2]
     assert np.asarray(out)[int(y), int(x)] == 255
+
+
+def test_resize_sample_moves_boxes_with_the_image(df2):
+    """DeepFashion2's ``bbox`` once stayed in the source frame while its landmarks moved."""
+    raw = DeepFashion2(df2)[0]  # a 32x40 photo, bbox [2, 3, 20, 30], landmark 1 at (5, 7)
+    scaled = DeepFashion2(df2, transform=ResizeSample((64, 80)))[0]
+    np.testing.assert_allclose(scaled["bbox"], raw["bbox"] * 2)
+    padded = DeepFashion2(df2, transform=ResizeSample((64, 40), pad=True))[0]  # scale 1, 16 px of pad left
+    np.testing.assert_allclose(padded["bbox"], [18, 3, 36, 30])
+    np.testing.assert_allclose(padded["landmarks"][1], [21, 7, 2])
+    _, aff = resize_and_pad(Image.new("L", (40, 20)), (20, 20))
+    np.testing.assert_allclose(aff.apply_boxes(np.array([[0, 0, 40, 20], [10, 4, 20, 8]])),
+                               [[0, 5, 20, 15], [5, 7, 10, 9]])
 
 
 def test_label_resize_is_nearest_and_crop_offsets():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,15 +93,70 @@ def test_shards_are_plain_webdataset(shard_dir: Path) -> None:
 
 def test_writer_errors(tmp_path: Path, pairs: list[PairRecord]) -> None:
     images, out = tmp_path / "images", tmp_path / "out"
-    bad_key = PairRecord(**{**pairs[0].to_dict(), "pair_id": "a.b"})
-    with pytest.raises(DataError, match="'a.b': shard keys may only use"):
-        write_pair_shards([bad_key], images, out)
+    for key in ("a.b", "p9\n", "a/b"):
+        bad_key = PairRecord(**{**pairs[0].to_dict(), "pair_id": key})
+        with pytest.raises(DataError, match=f"{key!r}: shard keys may only use".replace("\\", "\\\\")):
+            write_pair_shards([bad_key], images, out)
     with pytest.raises(DataError, match="appears twice"):
         write_pair_shards([pairs[0], pairs[0]], images, out)
     (images / pairs[2].lookbook_image).unlink()
     with pytest.raises(DataError, match=f"{images / pairs[2].lookbook_image}: image file not found"):
         write_pair_shards(pairs, images, out)
     assert not (out / INDEX_NAME).exists()  # an interrupted write has no index
+
+
+def test_writer_refuses_records_the_stream_would_skip(tmp_path: Path, pairs: list[PairRecord]) -> None:
+    """NaN or ragged keypoints used to be written, then dropped by the reader as "malformed record"."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    nan_keypoints = dataclasses.replace(pairs[3], keypoints=[[math.nan, 1.0, 1.0]] + [[1.0, 1.0, 1.0]] * 17)
+    ragged = dataclasses.replace(pairs[3], keypoints=[[1.0, 2.0, 1.0], [1.0, 2.0]])
+    mutated = dataclasses.replace(pairs[3])
+    mutated.crop_box = (0.0, 0.0, math.inf, 1.0)
+    for bad, message in ((nan_keypoints, "keypoint row 0"), (ragged, "keypoint row 1"), (mutated, "crop_box")):
+        with pytest.raises(DataError, match=message) as err:
+            write_pair_shards([*pairs[:3], bad], images, out, samples_per_shard=2)
+        assert f"{out}: pair 'p0003'" in str(err.value)
+        assert [p.name for p in out.iterdir()] == ["pairs-000000.tar"]  # no index, no temporary tar
+
+
+def test_a_failed_rewrite_never_looks_complete(tmp_path: Path, pairs: list[PairRecord]) -> None:
+    """Rewriting a shard folder and failing midway once left the old shards.json vouching for a mix of new
+    and old tars, which streamed without a single fault."""
+    images, out = tmp_path / "images", tmp_path / "out"
+    write_pair_shards(pairs, images, out, samples_per_shard=4, one_split_per_shard=False)
+    renamed = [dataclasses.replace(r, pair_id=f"new{r.pair_id}") for r in pairs]
+    (images / renamed[6].garment_image).unlink()  # the write fails in the second shard
+    with pytest.raises(DataError, match="image file not found"):
+        write_pair_shards(renamed, images, out, samples_per_shard=4, one_split_per_shard=False)
+    assert sorted(p.name for p in out.iterdir()) == ["pairs-000000.tar", "pairs-000001.tar", "pairs-000002.tar"]
+    with pytest.raises(DataError, match="shard index not found"):
+        PairShardStream(out)
+    (images / renamed[6].garment_image).write_bytes((images / renamed[5].garment_image).read_bytes())
+    write_pair_shards(renamed, images, out, samples_per_shard=4, one_split_per_shard=False)
+    assert sorted(ids(PairShardStream(out))) == sorted(r.pair_id for r in renamed)
+
+
+def test_long_pair_ids_are_written_read_and_resumed(tmp_path: Path, pairs: list[PairRecord]) -> None:
+    """USTAR names stop at 100 bytes (``p...p.lookbook.jpg`` at an 88-character id); retrieval builds ids
+    of ~130 characters. Pax headers carry them; the reader's positions and truncation check still hold."""
+    long = [dataclasses.replace(r, pair_id=f"{r.pair_id}-" + "x" * (80 + 10 * i)) for i, r in enumerate(pairs)]
+    out = tmp_path / "long"
+    write_pair_shards(long, tmp_path / "images", out, samples_per_shard=4, one_split_per_shard=False)
+    expected = sorted(r.pair_id for r in long)
+    assert sorted(ids(PairShardStream(out))) == expected and len(expected[-1]) > 190
+    assert sorted(s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
+                                                       shardshuffle=False)) == expected
+
+    def run(skip: int = 0) -> list[tuple[int, str]]:
+        stream = PairShardStream(out, shuffle_shards=True, shuffle_buffer=3, seed=1, rank=0, world_size=1)
+        return [(p, s["record"].pair_id) for p, s in stream.positioned(0, 1, skip)]
+
+    full = run()
+    assert run(skip=5) == full[5:]
+    truncate_inside(out / "pairs-000001.tar", f"{long[6].pair_id}.garment.jpg", True)  # inside its pax header
+    stream = PairShardStream(out)
+    assert sorted(ids(stream)) == sorted(set(expected) - {long[6].pair_id, long[7].pair_id})
+    assert dict(stream.faults.counts) == {"truncated shard": 1}
 
 
 def test_index_errors(tmp_path: Path, shard_dir: Path) -> None:
@@ -235,6 +292,20 @@ def test_each_fault_is_skipped_and_counted(shard_dir: Path, reason: str) -> None
     stream = PairShardStream(shard_dir)
     assert set(ids(stream)) == all_ids(*lost)
     assert dict(stream.faults.counts) == {reason: 1}
+
+
+def test_wrongly_typed_record_fields_are_skipped_as_malformed_records(shard_dir: Path) -> None:
+    """A "high" confidence or a non-numeric box once raised a bare ValueError that ended the stream."""
+    def edit(name: str, data: bytes) -> bytes:
+        changes = {"p0001.json": {"confidence": "high"}, "p0002.json": {"crop_box": [0, 0, 4, "x"]},
+                   "p0003.json": {"rank": "first"}}.get(name)
+        return data if changes is None else json.dumps({**json.loads(data), **changes}).encode()
+
+    rewrite_tar(shard_dir / "pairs-000000.tar", edit)
+    stream = PairShardStream(shard_dir)
+    assert set(ids(stream)) == all_ids("p0001", "p0002", "p0003")
+    assert dict(stream.faults.counts) == {"malformed record": 3}
+    assert "pairs-000000.tar#p0001.json: pair 'p0001': confidence 'high'" in stream.faults.summary()
 
 
 def test_truncation_inside_a_header_is_caught_by_the_index(shard_dir: Path) -> None:

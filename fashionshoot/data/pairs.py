@@ -60,14 +60,22 @@ def parse_record(data: Any, where: str) -> PairRecord:
     """Build and validate one record from decoded JSON; every problem is a :class:`DataError` naming ``where``."""
     if not isinstance(data, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    try:
-        record = PairRecord.from_dict(data, where)
-    except DataError as exc:  # field checks in PairRecord.__post_init__ do not know the location
-        if str(exc).startswith(where):
-            raise
-        raise DataError(f"{where}: {exc}") from exc
+    record = PairRecord.from_dict(data, where)
     check_keypoints(record, where)
     return record
+
+
+def check_record(record: PairRecord, where: str) -> None:
+    """The checks :func:`parse_record` applies on reading, for writers: what they write must read back.
+
+    Without them a manifest or shard accepts, say, NaN keypoints and the pair is lost only later, when
+    the reader rejects (manifest) or skips (shard stream) it. ``where`` names the file being written.
+    """
+    try:
+        record.validate()  # again: a record is mutable after construction
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from exc
+    check_keypoints(record, where)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +135,9 @@ def write_manifest(records: Iterable[PairRecord], path: str | Path) -> Path:
     """Write ``records`` to a ``.jsonl`` or ``.parquet`` manifest (chosen by suffix); returns the path."""
     path = Path(path)
     suffix = _suffix(path)
+    records = list(records)
+    for record in records:
+        check_record(record, str(path))
     rows = [r.to_dict() for r in records]
     if suffix == ".jsonl":
 
@@ -202,7 +213,7 @@ def read_manifest(path: str | Path) -> list[PairRecord]:
 class PairFilter:
     """Which pairs a reader keeps. Shared by :func:`select_pairs`, the manifest dataset and the shard stream.
 
-    ``tiers`` is one tier or several. With ``nested=True`` (the default) a tier also admits every
+    ``tiers`` and ``categories`` are each one name or several. With ``nested=True`` (the default) a tier also admits every
     better tier, so ``"medium"`` means high + medium: training on "medium and up" is the common case
     and never silently drops the best pairs. With ``nested=False`` exactly the named tiers are kept.
     """
@@ -211,7 +222,7 @@ class PairFilter:
     nested: bool = True
     min_confidence: float | None = None
     split: str | None = None
-    categories: Sequence[str] | None = None
+    categories: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self.allowed_tiers  # noqa: B018  (validate tier names at construction, not mid-epoch)
@@ -228,6 +239,14 @@ class PairFilter:
             return frozenset(t for tier in named for t in tiers_at_least(tier))
         return frozenset(named)
 
+    @cached_property
+    def allowed_categories(self) -> frozenset[str] | None:
+        """The categories this filter admits, or None for all. A single name is wrapped, not iterated:
+        ``"dress"`` as a sequence would be its letters, and ``in`` a substring test."""
+        if self.categories is None:
+            return None
+        return frozenset([self.categories] if isinstance(self.categories, str) else self.categories)
+
     def accepts(self, record: PairRecord) -> bool:
         if record.tier not in self.allowed_tiers:
             return False
@@ -235,7 +254,7 @@ class PairFilter:
             return False
         if self.split is not None and record.split != self.split:
             return False
-        return self.categories is None or record.category in self.categories
+        return self.allowed_categories is None or record.category in self.allowed_categories
 
 
 def select_pairs(
@@ -245,7 +264,7 @@ def select_pairs(
     nested: bool = True,
     min_confidence: float | None = None,
     split: str | None = None,
-    categories: Sequence[str] | None = None,
+    categories: str | Sequence[str] | None = None,
 ) -> list[PairRecord]:
     """Records passing a :class:`PairFilter` built from the arguments, in their original order."""
     keep = PairFilter(tiers, nested, min_confidence, split, categories)

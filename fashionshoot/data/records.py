@@ -8,7 +8,9 @@ See docs/pair-format.md for the on-disk forms (JSONL / Parquet manifest, WebData
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
 from typing import Any
 
 from fashionshoot.errors import DataError
@@ -22,6 +24,29 @@ def tiers_at_least(tier: str) -> tuple[str, ...]:
     if tier not in TIERS:
         raise DataError(f"tier {tier!r}: expected one of {TIERS}")
     return TIERS[: TIERS.index(tier) + 1]
+
+
+#: Fields that must be strings (JSON producers have sent ints and lists here).
+_STR_FIELDS: tuple[str, ...] = (
+    "pair_id", "garment_id", "lookbook_id", "garment_image", "lookbook_image", "category", "tier", "split",
+)
+
+
+def _is_number(value: Any, finite: bool = True) -> bool:
+    """A real number (numpy scalars included), not a bool or a numeric string; finite unless told."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return False
+    return not finite or math.isfinite(value)
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    """The items of a list, tuple or array; None for a scalar, a string or a mapping (not box-shaped)."""
+    if isinstance(value, (str, bytes, dict)):
+        return None
+    try:
+        return list(value)
+    except TypeError:
+        return None
 
 
 @dataclass
@@ -49,14 +74,42 @@ class PairRecord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`DataError` naming the pair unless every field has its documented type and range.
+
+        Records arrive as JSON from producers in other processes and languages: a ``"0.5"`` confidence
+        or a ``NaN`` box would otherwise pass here and fail much later, mid-epoch, as a bare
+        ``TypeError`` in a filter or a loss. Numbers are normalised (``confidence`` and ``crop_box`` to
+        float, ``rank`` to int) so writers emit plain JSON. The writers call this again, since a record
+        is mutable after construction.
+        """
+        for name in _STR_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise DataError(f"pair {self.pair_id!r}: {name} must be a string, got {getattr(self, name)!r}")
         if self.tier not in TIERS:
             raise DataError(f"pair {self.pair_id!r}: tier {self.tier!r} is not one of {TIERS}")
-        if not 0.0 <= float(self.confidence) <= 1.0:
-            raise DataError(f"pair {self.pair_id!r}: confidence {self.confidence} is outside [0, 1]")
+        if not _is_number(self.confidence) or not 0.0 <= self.confidence <= 1.0:
+            raise DataError(f"pair {self.pair_id!r}: confidence {self.confidence!r} is not a number in [0, 1]")
+        self.confidence = float(self.confidence)
+        if not isinstance(self.scores, dict) or not all(
+            isinstance(k, str) and _is_number(v, finite=False) for k, v in self.scores.items()
+        ):
+            raise DataError(f"pair {self.pair_id!r}: scores must map model names to numbers, got {self.scores!r}")
+        self.scores = {k: float(v) for k, v in self.scores.items()}
+        if not isinstance(self.rank, Integral) or isinstance(self.rank, bool):
+            raise DataError(f"pair {self.pair_id!r}: rank must be an integer, got {self.rank!r}")
+        self.rank = int(self.rank)
         if self.crop_box is not None:
-            if len(self.crop_box) != 4:
-                raise DataError(f"pair {self.pair_id!r}: crop_box must be (x1, y1, x2, y2), got {self.crop_box}")
-            self.crop_box = tuple(float(v) for v in self.crop_box)
+            box = _as_list(self.crop_box)
+            if box is None or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise DataError(
+                    f"pair {self.pair_id!r}: crop_box must be 4 finite numbers (x1, y1, x2, y2), got {self.crop_box!r}"
+                )
+            self.crop_box = tuple(float(v) for v in box)
+        if not isinstance(self.metadata, dict):
+            raise DataError(f"pair {self.pair_id!r}: metadata must be a JSON object, got {self.metadata!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -77,5 +130,7 @@ class PairRecord:
             raise DataError(f"{where}: pair record is missing required key(s) {missing}")
         try:
             return cls(**data)
-        except TypeError as exc:
+        except DataError as exc:  # a field check: already names the pair, add the location
+            raise DataError(f"{where}: {exc}") from exc
+        except (TypeError, ValueError) as exc:
             raise DataError(f"{where}: malformed pair record ({exc})") from exc

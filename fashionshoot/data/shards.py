@@ -1,6 +1,6 @@
 """WebDataset shards of garment-lookbook pairs: a writer, an index, and a fault-tolerant streaming reader.
 
-Shards are plain POSIX tars in the WebDataset layout (``<pair_id>.garment.jpg``,
+Shards are plain POSIX (pax) tars in the WebDataset layout (``<pair_id>.garment.jpg``,
 ``<pair_id>.lookbook.jpg``, ``<pair_id>.json``), so ``webdataset.WebDataset`` reads them too. Next to
 them, ``shards.json`` records each shard's sample, per-tier and per-split counts: readers know the data
 size without scanning, skip shards holding no wanted tier or split (the writer gives each split its own
@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fashionshoot.data.faults import FaultReport
 from fashionshoot.data.images import decode_image
-from fashionshoot.data.pairs import PairFilter, SampleSpec, parse_record
+from fashionshoot.data.pairs import PairFilter, SampleSpec, check_record, parse_record
 from fashionshoot.data.records import TIERS, PairRecord
 from fashionshoot.errors import DataError
 
@@ -44,7 +44,8 @@ INDEX_VERSION = 2
 #: Version 1 indexes (no per-shard split counts) are still read; their shards may hold any split.
 READABLE_VERSIONS = (1, 2)
 #: WebDataset splits a member name at the first dot of its basename, so keys must not contain dots.
-_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+#: (Used with ``fullmatch``: ``$`` would also match before a trailing newline.)
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ROLES = ("garment", "lookbook")
 _MEMBERS = ("json", *_ROLES)
 
@@ -158,6 +159,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _check_key(record: PairRecord, seen: set[str]) -> None:
+    """The pair id must be a unique, dot-free sample key (WebDataset splits member names at the first dot)."""
+    if not _KEY.fullmatch(record.pair_id):
+        raise DataError(f"pair_id {record.pair_id!r}: shard keys may only use letters, digits, '_' and '-'")
+    if record.pair_id in seen:
+        raise DataError(f"pair_id {record.pair_id!r} appears twice; shard keys must be unique")
+    seen.add(record.pair_id)
+
+
+def _open_shard(path: Path) -> tarfile.TarFile:
+    """A pax tar: plain USTAR headers for names up to 100 bytes, a pax header for longer keys (retrieval
+    builds ids of ~130 characters), which ``tarfile`` and ``webdataset`` both read."""
+    return tarfile.open(path, "w", format=tarfile.PAX_FORMAT)
+
+
 def write_pair_shards(
     records: Iterable[PairRecord],
     image_root: str | Path,
@@ -169,9 +185,12 @@ def write_pair_shards(
     """Pack records and their image files (bytes copied as-is) into WebDataset tars plus ``shards.json``.
 
     Image paths are resolved against ``image_root``; a missing image is a :class:`DataError` naming the
-    file. In the stored JSON the image fields become the member names (``garment.jpg``), so a record
-    read back from a shard says where its images are in that shard. Tars are written under temporary
-    names and renamed, and the index last, so an interrupted write never looks complete.
+    file, as is a record the reader would reject (it would be lost silently at training time). In the
+    stored JSON the image fields become the member names (``garment.jpg``), so a record read back from
+    a shard says where its images are in that shard. Tars are written under temporary names and renamed,
+    an existing ``shards.json`` is removed before the first tar replaces one of its shards, and the new
+    index is written last, so an interrupted write (or rewrite) never looks complete. On an error the
+    temporary tars are removed.
 
     With ``one_split_per_shard`` (the default) each split fills its own shards (one open tar per split, so
     the records can come in any order): a reader of one split, such as a training stream or the unpacking
@@ -188,40 +207,55 @@ def write_pair_shards(
     def close(group: str) -> None:
         info, tar, tmp = filling.pop(group)
         tar.close()
+        (out_dir / INDEX_NAME).unlink(missing_ok=True)  # the old index must not vouch for new tars
         os.replace(tmp, out_dir / info.name)
 
-    for record in records:
-        if not _KEY.match(record.pair_id):
-            raise DataError(
-                f"pair_id {record.pair_id!r}: shard keys may only use letters, digits, '_' and '-'"
-            )
-        if record.pair_id in seen:
-            raise DataError(f"pair_id {record.pair_id!r} appears twice; shard keys must be unique")
-        seen.add(record.pair_id)
-        group = record.split if one_split_per_shard else ""
-        if group in filling and filling[group][0].count >= samples_per_shard:
+    try:
+        for record in records:
+            check_record(record, f"{out_dir}")
+            _check_key(record, seen)
+            group = record.split if one_split_per_shard else ""
+            if group in filling and filling[group][0].count >= samples_per_shard:
+                close(group)
+            if group not in filling:
+                shards.append(ShardInfo(f"{prefix}-{len(shards):06d}.tar", 0, {}, {}))
+                tmp = out_dir / f".{shards[-1].name}.tmp"
+                filling[group] = (shards[-1], _open_shard(tmp), tmp)
+            info, tar, _ = filling[group]
+            _add_sample(tar, record, image_root)
+            info.count += 1
+            info.tiers[record.tier] = info.tiers.get(record.tier, 0) + 1
+            info.splits[record.split] = info.splits.get(record.split, 0) + 1
+        for group in list(filling):
             close(group)
-        if group not in filling:
-            shards.append(ShardInfo(f"{prefix}-{len(shards):06d}.tar", 0, {}, {}))
-            tmp = out_dir / f".{shards[-1].name}.tmp"
-            filling[group] = (shards[-1], tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT), tmp)
-        info, tar, _ = filling[group]
-        stored = {}
-        for role in _ROLES:
-            source = image_root / getattr(record, f"{role}_image")
-            member = f"{role}{source.suffix.lower() or '.img'}"
-            _add_member(tar, f"{record.pair_id}.{member}", _image_bytes(source))
-            stored[f"{role}_image"] = member
-        body = json.dumps(dataclasses.replace(record, **stored).to_dict(), ensure_ascii=False)
-        _add_member(tar, f"{record.pair_id}.json", body.encode("utf-8"))
-        info.count += 1
-        info.tiers[record.tier] = info.tiers.get(record.tier, 0) + 1
-        info.splits[record.split] = info.splits.get(record.split, 0) + 1
-    for group in list(filling):
-        close(group)
+    except BaseException:
+        _discard(filling.values())
+        raise
     index = ShardIndex(out_dir, shards)
     index.save()
     return index
+
+
+def _add_sample(tar: tarfile.TarFile, record: PairRecord, image_root: Path) -> None:
+    """Append one sample's three members; the stored JSON names the image members, not the source paths."""
+    stored = {}
+    for role in _ROLES:
+        source = image_root / getattr(record, f"{role}_image")
+        member = f"{role}{source.suffix.lower() or '.img'}"
+        _add_member(tar, f"{record.pair_id}.{member}", _image_bytes(source))
+        stored[f"{role}_image"] = member
+    body = json.dumps(dataclasses.replace(record, **stored).to_dict(), ensure_ascii=False)
+    _add_member(tar, f"{record.pair_id}.json", body.encode("utf-8"))
+
+
+def _discard(open_shards: Iterable[tuple[ShardInfo, tarfile.TarFile, Path]]) -> None:
+    """Close and delete the temporary tars of a failed write, so no partial file is left behind."""
+    for _, tar, tmp in open_shards:
+        try:
+            tar.close()
+        except (OSError, tarfile.TarError):
+            pass  # the write is failing anyway; the file is removed next
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,6 +30,13 @@ class Affine:
         out[:, 1] = out[:, 1] * self.scale_y + self.offset_y
         return out
 
+    def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Map ``[x1, y1, x2, y2]`` boxes (shape ``(4,)`` or ``(N, 4)``) as their two corners, so a pad
+        offset moves them as it moves points (scaling alone would leave them beside the object)."""
+        arr = np.asarray(boxes, dtype=np.float32)
+        corners = self.apply_points(arr.reshape(-1, 2))
+        return corners.reshape(arr.shape)
+
 
 def _resample(label: bool) -> Image.Resampling:
     return Image.Resampling.NEAREST if label else Image.Resampling.BILINEAR
@@ -89,7 +96,8 @@ class ResizeSample:
     """Sample transform for the readers: resize to ``size`` (``(width, height)``) and tensorise.
 
     Keys in ``image_keys`` become ``[-1, 1]`` tensors, keys in ``label_keys`` (PIL or numpy) int64 maps
-    (NEAREST), and keys in ``point_keys`` are moved with the image geometry. ``pad=True`` keeps the
+    (NEAREST), and keys in ``point_keys`` (``(K, >=2)`` rows) and ``box_keys`` (``[x1, y1, x2, y2]``) are
+    moved with the image geometry. ``pad=True`` keeps the
     aspect ratio and pads (needed when the source is not already ``size``'s shape). Keys absent from a
     sample are ignored.
     """
@@ -99,6 +107,7 @@ class ResizeSample:
     image_keys: tuple[str, ...] = ("image", "cloth", "skeleton")
     label_keys: tuple[str, ...] = ("label_map", "parse", "cloth_mask", "segmentation", "inpaint_mask")
     point_keys: tuple[str, ...] = ("keypoints", "keypoints_body25", "landmarks")
+    box_keys: tuple[str, ...] = ("bbox",)
     geometry_key: str = "image"
 
     def _geom(self, img: Image.Image, label: bool) -> tuple[Image.Image, Affine]:
@@ -124,4 +133,7 @@ class ResizeSample:
             for key in self.point_keys:
                 if key in out:
                     out[key] = aff.apply_points(out[key])
+            for key in self.box_keys:
+                if key in out:
+                    out[key] = aff.apply_boxes(out[key])
         return out

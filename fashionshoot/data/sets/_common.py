@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,20 @@ def file_id(name: str) -> str:
     return name.split("_")[0]
 
 
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def pair_key(*parts: str) -> str:
+    """A pair id that is also a shard key: ``parts`` joined by ``-``, any other character made ``_``.
+
+    Shard keys may only use ``A-Z a-z 0-9 _ -`` (docs/pair-format.md), so ids built from paths
+    (``upper_body/images/000001_0.jpg``) could not be packed; the readable paths stay in
+    ``garment_id`` / ``lookbook_id``. Parts should include the split: public sets reuse file names
+    across splits, and a set packed whole must not repeat a key.
+    """
+    return "-".join(_NOT_KEY.sub("_", part) for part in parts)
+
+
 def as_float_array(values: Any, width: int, where: str) -> np.ndarray:
     """``values`` as float32 ``(N, width)`` rows, or DataError naming ``where``."""
     try:
@@ -187,13 +202,18 @@ class TryOnPairs(PublicDataset):
         return sample
 
     def to_pair_records(self) -> list[PairRecord]:
-        """Ground-truth pairs as tier-``high`` records; image paths are relative to ``self.root``."""
+        """Ground-truth pairs as tier-``high`` records; image paths are relative to ``self.root``.
+
+        ``pair_id`` is shard-safe (``dresscode-train-upper_body-000001_0-000001_1``: set, split, category,
+        person and garment file stems); ``garment_id`` / ``lookbook_id`` keep the readable
+        ``<set>/<path>`` forms.
+        """
         out = []
         for e in self._index:
             person, cloth = self._rel(e.person), self._rel(e.cloth)
             out.append(
                 PairRecord(
-                    pair_id=f"{self.name}/{person}|{cloth}",
+                    pair_id=pair_key(self.name, e.split, e.category, e.person.stem, e.cloth.stem),
                     garment_id=f"{self.name}/{cloth}",
                     lookbook_id=f"{self.name}/{person}",
                     garment_image=cloth,

@@ -32,6 +32,7 @@ from fashionshoot.data.sets._common import (
     as_float_array,
     check_listed,
     list_names,
+    pair_key,
     read_json,
     require_dir,
 )
@@ -42,6 +43,9 @@ CATEGORY_NAMES: dict[int, str] = {
     5: "vest", 6: "sling", 7: "shorts", 8: "trousers", 9: "skirt", 10: "short sleeve dress",
     11: "long sleeve dress", 12: "vest dress", 13: "sling dress",
 }
+
+#: The split each folder's pairs carry in records: pair readers filter on ``val`` (docs/pair-format.md).
+RECORD_SPLITS: dict[str, str] = {"train": "train", "validation": "val"}
 
 _ITEM_KEY = re.compile(r"item\d+")
 
@@ -172,20 +176,26 @@ class DeepFashion2(PublicDataset):
     def to_pair_records(self) -> list[PairRecord]:
         """Consumer-to-shop positives as tier-``high`` records: the shop photo is the garment image,
         the user photo the lookbook image with ``crop_box`` on the worn item; the shop item's own box
-        is kept in ``metadata['garment_box']``."""
+        is kept in ``metadata['garment_box']``.
+
+        ``pair_id`` is shard-safe (``deepfashion2-val-000002-item1-000001-item1``: split, then shop and
+        user image and item; DeepFashion2 numbers images from 1 in each split), ``garment_id`` /
+        ``lookbook_id`` keep the readable ``deepfashion2/<image>:<item>`` forms. The ``validation``
+        split is recorded as ``val``, the split name every pair reader filters on."""
+        split = RECORD_SPLITS[self.split]
         out = []
         for u, s in self.positive_pairs():
             user, shop = self._index[u], self._index[s]
             out.append(
                 PairRecord(
-                    pair_id=f"{self.name}/{shop.image_id}:{shop.item}|{user.image_id}:{user.item}",
+                    pair_id=pair_key(self.name, split, shop.image_id, shop.item, user.image_id, user.item),
                     garment_id=f"{self.name}/{shop.image_id}:{shop.item}",
                     lookbook_id=f"{self.name}/{user.image_id}:{user.item}",
                     garment_image=self._rel(shop.image),
                     lookbook_image=self._rel(user.image),
                     category=CATEGORY_NAMES.get(user.category_id, str(user.category_id)),
                     crop_box=user.bbox,
-                    split=self.split,
+                    split=split,
                     metadata={"source": self.name, "garment_box": list(shop.bbox), "style": user.style},
                 )
             )
