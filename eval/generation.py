@@ -18,7 +18,7 @@ import re
 import sys
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,9 +33,11 @@ from fashionshoot.data.images import decode_image, load_image
 from fashionshoot.errors import ConfigError, DataError
 from fashionshoot.metrics.images import match_reference
 from fashionshoot.metrics.protocol import Protocol, get_protocol
-from fashionshoot.metrics.report import EvaluationReport
+from fashionshoot.metrics.report import AGGREGATE, EvaluationReport
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+#: The bucket of images without a category when other images of the run have one.
+UNCATEGORISED = "uncategorised"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval_generation.yaml"
 
 
@@ -155,11 +157,22 @@ def _index(entries: Sequence[Entry], key: Callable[[Entry], str], what: str) -> 
     return index
 
 
-def build_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[Entry], faults: FaultReport) -> list[Sample]:
+@dataclass(frozen=True)
+class GarmentIds:
+    """The garment ids a manifest row may name: catalogue files (clip_i) and gallery entries (garment_recall)."""
+
+    files: Collection[str] = ()
+    gallery: Collection[str] = ()
+
+
+def build_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[Entry], faults: FaultReport,
+                  garments: GarmentIds | None = None) -> list[Sample]:
     """Pair generated with reference images (paired setting) or just attach categories (unpaired)."""
     if cfg.manifest:
-        return _manifest_samples(cfg, gen, refs, faults)
+        return _manifest_samples(cfg, gen, refs, faults, garments or GarmentIds())
     if cfg.setting == "unpaired":
+        for g in gen:
+            _check_category(g.category, g.where)
         return [Sample(g, None, g.category) for g in gen]
     # Pair within the same category sub-folder; a flat folder pairs with a nested one by key alone.
     by_key = _index(refs, lambda e: f"{e.category}/{pair_key(e, cfg.pairing)}", "reference")
@@ -177,6 +190,7 @@ def build_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[Entry]
             _bad(cfg, faults, "generated image without reference", g.where)
             continue
         used.add(ref.key)
+        _check_category(g.category or ref.category, g.where)
         samples.append(Sample(g, ref, g.category or ref.category))
     unused = [r for r in refs if r.key not in used]
     if unused and not cfg.skip_bad:
@@ -190,7 +204,7 @@ def build_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[Entry]
 
 
 def _manifest_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[Entry],
-                      faults: FaultReport) -> list[Sample]:
+                      faults: FaultReport, garments: GarmentIds) -> list[Sample]:
     gen_by = {**_index(gen, lambda e: e.stem, "generated"), **{e.key: e for e in gen}}
     ref_by = {**_index(refs, lambda e: e.stem, "reference"), **{e.key: e for e in refs}}
     with open(cfg.manifest, newline="") as fh:
@@ -199,14 +213,45 @@ def _manifest_samples(cfg: GenerationEvalConfig, gen: list[Entry], refs: list[En
         raise DataError(f"{cfg.manifest}: expected a CSV header with at least a 'generated' column")
     samples = []
     for line, row in enumerate(rows, start=2):
+        where = f"{cfg.manifest}:{line}"
         g = gen_by.get(row["generated"])
         r = ref_by.get(row.get("reference") or "")
         if g is None or (cfg.setting == "paired" and r is None):
-            _bad(cfg, faults, "manifest row names a missing image", f"{cfg.manifest}:{line}")
+            _bad(cfg, faults, "manifest row names a missing image", where)
+            continue
+        problem = _row_problem(cfg, row, garments)
+        if problem is not None:
+            reason, detail = problem
+            _bad(cfg, faults, reason, f"{where} ({detail})")
             continue
         category = row.get("category") or g.category
-        samples.append(Sample(g, r, category, row.get("caption"), row.get("garment")))
+        _check_category(category, where)
+        samples.append(Sample(g, r, category, row.get("caption"), (row.get("garment") or "").strip() or None))
     return samples
+
+
+def _row_problem(cfg: GenerationEvalConfig, row: dict[str, str], garments: GarmentIds) -> tuple[str, str] | None:
+    """Why a manifest row cannot be scored by the chosen metrics, as (reason, detail), or None.
+
+    Why here, once per row: a row kept without its caption or garment would be scored against "" or
+    crash a metric later, far from the manifest line at fault.
+    """
+    metrics, garment = set(cfg.metrics), (row.get("garment") or "").strip()
+    if "clip_t" in metrics and not (row.get("caption") or "").strip():
+        return "manifest row has no caption (clip_t needs one)", f"generated {row['generated']!r}"
+    if metrics & {"clip_i", "garment_recall"} and not garment:
+        return "manifest row has no garment (clip_i / garment_recall need one)", f"generated {row['generated']!r}"
+    if "clip_i" in metrics and garment not in garments.files:
+        return "manifest garment not found in garments", f"garment {garment!r}, garments={cfg.garments}"
+    if "garment_recall" in metrics and garment not in garments.gallery:
+        return "manifest garment not in the garment_recall gallery", f"garment {garment!r}"
+    return None
+
+
+def _check_category(category: str | None, where: str) -> None:
+    """``all`` names the pooled result of every category; a real category of that name would merge into it."""
+    if category == AGGREGATE:
+        raise DataError(f"{where}: category {AGGREGATE!r} is reserved for the pooled result; rename the category")
 
 
 def _bad(cfg: GenerationEvalConfig, faults: FaultReport, reason: str, where: str) -> None:
@@ -267,19 +312,20 @@ def run(cfg: GenerationEvalConfig, extractors=None) -> EvaluationReport:
     gen, refs, garments = list_images(cfg.generated), list_images(cfg.references), list_images(cfg.garments)
     if not gen:
         raise DataError(f"no images found in {cfg.generated}")
-    samples = build_samples(cfg, gen, refs, faults)
+    extractors = extractors or load_extractors(cfg, protocol, garments, read)
+    suite = EvaluationSuite(protocol, cfg.metrics, cfg.setting, extractors)  # config errors before data errors
+    samples = build_samples(cfg, gen, refs, faults, _garment_ids(garments, extractors))
     _check_kid_counts(cfg, protocol, samples, refs)
-    suite = EvaluationSuite(protocol, cfg.metrics, cfg.setting,
-                            extractors or load_extractors(cfg, protocol, garments, read))
+    categorised = _has_categories(cfg, samples, refs)
     garment_by = {e.stem: e for e in garments}
     for batch in tqdm(list(_batches(samples, cfg.batch_size)), desc="evaluating", unit="batch"):
-        _update(cfg, protocol, suite, batch, read, garment_by, faults)
+        _update(cfg, protocol, suite, batch, read, garment_by, faults, categorised)
     if cfg.setting == "unpaired":
         for batch in tqdm(list(_batches(refs, cfg.batch_size)), desc="references", unit="batch"):
             loaded = [(r, _load(cfg, read, r, faults)) for r in batch]
             loaded = [(r, img) for r, img in loaded if img is not None]
             suite.update_real([pil_to_tensor(img).to(cfg.device) for _, img in loaded],
-                              _categories([r.category for r, _ in loaded]))
+                              _categories([r.category for r, _ in loaded], categorised))
     report = suite.compute(skip_failed=cfg.skip_bad)
     report.faults = faults.to_dict()
     _write(cfg, report)
@@ -288,8 +334,29 @@ def run(cfg: GenerationEvalConfig, extractors=None) -> EvaluationReport:
     return report
 
 
-def _categories(cats: Sequence[str | None]) -> list[str] | None:
-    return None if all(c is None for c in cats) else [c or "uncategorised" for c in cats]
+def _garment_ids(garments: list[Entry], extractors) -> GarmentIds:
+    """Catalogue stems (clip_i's garments), and the ids of the gallery garment_recall searches."""
+    gallery = extractors.garment_gallery
+    return GarmentIds({e.stem for e in garments}, {str(i) for i in gallery.ids} if gallery is not None else ())
+
+
+def _has_categories(cfg: GenerationEvalConfig, samples: Sequence[Sample], refs: Sequence[Entry]) -> bool:
+    """Whether the run reports per category, decided once for the whole run.
+
+    Why once: decided per batch, an uncategorised image would land in the pooled ``all`` bucket or in
+    ``uncategorised`` depending on its neighbours, so counts and values would depend on ``batch_size``.
+    """
+    if cfg.setting == "unpaired":
+        for r in refs:
+            _check_category(r.category, r.where)
+        if any(r.category is not None for r in refs):
+            return True
+    return any(s.category is not None for s in samples)
+
+
+def _categories(cats: Sequence[str | None], categorised: bool) -> list[str] | None:
+    """The suite's category per image: None (only the pooled result) for an uncategorised run."""
+    return [c or UNCATEGORISED for c in cats] if categorised else None
 
 
 def _load(cfg: GenerationEvalConfig, read: ImageReader, entry: Entry, faults: FaultReport) -> Image.Image | None:
@@ -302,18 +369,15 @@ def _load(cfg: GenerationEvalConfig, read: ImageReader, entry: Entry, faults: Fa
         return None
 
 
-def _update(cfg, protocol, suite, batch: Sequence[Sample], read, garment_by, faults) -> None:
+def _update(cfg, protocol, suite, batch: Sequence[Sample], read, garment_by, faults, categorised: bool) -> None:
     rows = []
     for s in batch:
         g = _load(cfg, read, s.generated, faults)
         r = _load(cfg, read, s.reference, faults) if s.reference is not None else None
-        garment = None
-        if s.garment is not None and "clip_i" in suite.metrics:
-            entry = garment_by.get(s.garment)
-            garment = _load(cfg, read, entry, faults) if entry else None
-            if entry is None:
-                _bad(cfg, faults, f"garment {s.garment!r} not found in garments", s.generated.where)
-        if g is None or (s.reference is not None and r is None):
+        # clip_i rows name a catalogue garment (checked in build_samples); an unreadable one skips the row
+        needs_garment = s.garment is not None and "clip_i" in suite.metrics
+        garment = _load(cfg, read, garment_by[s.garment], faults) if needs_garment else None
+        if g is None or (s.reference is not None and r is None) or (needs_garment and garment is None):
             continue
         rows.append((s, g, r, garment))
     if not rows:
@@ -321,7 +385,7 @@ def _update(cfg, protocol, suite, batch: Sequence[Sample], read, garment_by, fau
     device = cfg.device
     t = lambda img: pil_to_tensor(img).to(device)  # noqa: E731
     gen = [t(g) for _, g, _, _ in rows]
-    cats = _categories([s.category for s, _, _, _ in rows])
+    cats = _categories([s.category for s, _, _, _ in rows], categorised)
     kwargs = {}
     if cfg.setting == "paired":
         matched = [match_reference(r, g.size, protocol.reference_resize, protocol.reference_filter)

@@ -175,3 +175,101 @@ def test_missing_weights_name_the_file(tmp_path, folders, monkeypatch):
         gen_eval.run(_cfg(tmp_path, gen, gt, metrics=["fid"]))
     with pytest.raises(MissingWeightsError, match="squeezenet1_1-b8a52dc0.pth"):
         gen_eval.run(_cfg(tmp_path, gen, gt, metrics=["lpips"], protocol="catvton"))
+
+
+def test_uncategorised_images_go_to_one_bucket_whatever_the_batch_size(tmp_path):
+    names = ["a1", "a2", "a3", "b/b1", "b/b2", "b/b3"]  # three flat files beside a category folder "b"
+    _write(tmp_path / "gen", names, seed=1, size=(32, 32))
+    _write(tmp_path / "gt", names, seed=2, size=(32, 32))
+    rows = {}
+    for batch_size in (2, 16):  # batch_size 2 puts a1, a2 in an all-uncategorised batch
+        report = gen_eval.run(_cfg(tmp_path, tmp_path / "gen", tmp_path / "gt", metrics=["psnr"],
+                                   batch_size=batch_size), Extractors())
+        rows[batch_size] = [(r.category, r.n, r.value) for r in report.results]
+    assert rows[2] == rows[16]
+    assert [(c, n) for c, n, _ in rows[2]] == [("uncategorised", 3), ("b", 3), ("all", 6)]
+
+
+def test_a_category_named_all_is_refused(tmp_path):
+    _write(tmp_path / "gen", ["all/x1", "b/x2"], seed=1, size=(32, 32))
+    _write(tmp_path / "gt", ["all/x1", "b/x2"], seed=2, size=(32, 32))
+    with pytest.raises(DataError, match="category 'all' is reserved"):
+        gen_eval.run(_cfg(tmp_path, tmp_path / "gen", tmp_path / "gt", metrics=["psnr"]), Extractors())
+
+
+class _FakeClip:
+    """A CLIP backend from image colours and caption lengths (the rows skipped are what is under test)."""
+
+    from fashionshoot.metrics.extractors import ExtractorInfo
+
+    extractor_info = ExtractorInfo("fake", "<none>", "0")
+
+    def embed_images(self, images):
+        from fashionshoot.metrics.images import as_list, to_unit
+
+        return torch.stack([to_unit(i).float().mean(dim=(1, 2)) + 0.1 for i in as_list(images)])
+
+    def embed_texts(self, texts):
+        return torch.stack([torch.tensor([1.0, float(len(t)), 0.5]) for t in texts])
+
+
+@pytest.fixture()
+def manifest_run(tmp_path):
+    """Generated x1..x3 with references, catalogue garments g1, g2, and a manifest written per test."""
+    _write(tmp_path / "gen", ["x1", "x2", "x3"], seed=1, size=(32, 32))
+    _write(tmp_path / "gt", ["x1", "x2", "x3"], seed=2, size=(32, 32))
+    _write(tmp_path / "garments", ["g1", "g2"], seed=3, size=(24, 40))
+
+    def run(rows: str, metrics: list[str], extractors: Extractors, **overrides):
+        manifest = tmp_path / "m.csv"
+        manifest.write_text(rows)
+        cfg = _cfg(tmp_path, tmp_path / "gen", tmp_path / "gt", metrics=metrics, manifest=str(manifest),
+                   garments=[str(tmp_path / "garments")], **overrides)
+        return gen_eval.run(cfg, extractors)
+
+    return run
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_manifest_row_with_unknown_garment_is_an_error_or_skipped(manifest_run, batch_size):
+    rows = "generated,reference,garment\nx1,x1,g1\nx2,x2,g2\nx3,x3,g_missing\n"
+    extractors = Extractors(clip=_FakeClip())
+    with pytest.raises(DataError, match=r"m\.csv:4 \(garment 'g_missing'"):
+        manifest_run(rows, ["clip_i", "psnr"], extractors, batch_size=batch_size)
+    report = manifest_run(rows, ["clip_i", "psnr"], extractors, batch_size=batch_size, skip_bad=True)
+    assert report.faults["counts"] == {"manifest garment not found in garments": 1}
+    assert report.get("clip_i").n == 2 and report.get("psnr").n == 2  # the row is skipped, not half-kept
+
+
+def test_garment_recall_rows_are_checked_against_the_gallery(manifest_run):
+    from fashionshoot.metrics.suite import GarmentGallery
+
+    clip = _FakeClip()
+    extractors = Extractors(garment_gallery=GarmentGallery(clip.embed_images, torch.rand(2, 3), ["g1", "g2"]))
+    rows = "generated,garment\nx1,g1\nx2,g2\nx3,g_missing\n"
+    with pytest.raises(DataError, match=r"m\.csv:4 \(garment 'g_missing'\): manifest garment not in the garment"):
+        manifest_run(rows, ["garment_recall"], extractors, setting="unpaired")
+    report = manifest_run(rows, ["garment_recall"], extractors, setting="unpaired", skip_bad=True)
+    assert report.faults["total"] == 1 and report.get("garment_r@1").n == 2
+
+
+def test_manifest_row_without_caption_is_not_scored_against_an_empty_caption(manifest_run):
+    rows = "generated,caption\nx1,a red dress\nx2,\nx3,blue jeans\n"
+    extractors = Extractors(clip=_FakeClip())
+    with pytest.raises(DataError, match=r"m\.csv:3 \(generated 'x2'\): manifest row has no caption"):
+        manifest_run(rows, ["clip_t"], extractors, setting="unpaired")
+    report = manifest_run(rows, ["clip_t"], extractors, setting="unpaired", skip_bad=True)
+    assert report.faults["counts"] == {"manifest row has no caption (clip_t needs one)": 1}
+    assert report.get("clip_t").n == 2
+
+
+def test_garment_recall_over_a_catalogue_of_mixed_sizes(tmp_path, tiny_models):
+    _write(tmp_path / "garments", ["g1"], seed=3, size=(48, 64))
+    _write(tmp_path / "garments", ["g2"], seed=4, size=(60, 80))  # the gallery is embedded in one batch
+    _write(tmp_path / "gen", ["x1", "x2"], seed=1, size=(32, 32))
+    (tmp_path / "m.csv").write_text("generated,garment\nx1,g1\nx2,g2\n")
+    cfg = _cfg(tmp_path, tmp_path / "gen", tmp_path / "gt", metrics=["garment_recall"], setting="unpaired",
+               references=[], manifest=str(tmp_path / "m.csv"), garments=[str(tmp_path / "garments")])
+    cfg.weights.clip = str(tiny_models["clip"])
+    report = gen_eval.run(cfg)
+    assert report.get("garment_r@1").n == 2 and report.get("garment_r@5").value == 1.0

@@ -26,6 +26,46 @@ def test_protocol_registry_and_custom_naming():
         get_protocol("x")
 
 
+def test_ssim_kernel_size_must_be_the_window_sigma_gives():
+    """torchmetrics' Gaussian SSIM derives its window from sigma; a kernel size that disagrees is refused."""
+    from fashionshoot.metrics import SSIM
+    from fashionshoot.metrics.protocol import gaussian_window
+
+    for protocol in PROTOCOLS.values():  # the shipped numbers are unchanged: 11 px for sigma 1.5
+        assert protocol.ssim_kernel_size == gaussian_window(protocol.ssim_sigma) == 11
+    with pytest.raises(ConfigError, match=r"ssim_kernel_size=7 does not match ssim_sigma=1.5.* = 11 pixels"):
+        FASHION_RAG.replace(ssim_kernel_size=7)
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 48, 48, generator=g)
+    b = (a + 0.1 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    values = {}
+    for sigma, size in ((1.5, 11), (1.0, 9)):
+        metric = SSIM(FASHION_RAG.replace(ssim_sigma=sigma, ssim_kernel_size=size))
+        metric.update(a, b)
+        result = metric.result()
+        assert result.protocol["ssim_kernel_size"] == size
+        values[size] = result.value
+    assert values[9] != pytest.approx(values[11], rel=1e-4)  # the recorded window is the one used
+
+
+def test_float_images_outside_unit_range_are_refused():
+    from fashionshoot.errors import DataError
+    from fashionshoot.metrics import SSIM
+    from fashionshoot.metrics.images import feature_inputs, to_unit
+
+    g = torch.Generator().manual_seed(0)
+    a8 = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
+    with pytest.raises(DataError, match=r"got values in \[0, 255\]; for \[0, 255\] floats divide by 255"):
+        SSIM().update(a8.float(), a8.float())
+    with pytest.raises(DataError, match=r"got values in \[-1, 1\]; for \[-1, 1\] images use \(x \+ 1\) / 2"):
+        to_unit(a8.float() / 127.5 - 1)
+    with pytest.raises(DataError, match="expected float images in \\[0, 1\\]"):
+        feature_inputs(a8.float(), "none", 16)
+    slightly_over = (a8.float() / 255 * 1.0005).clamp_min(-1e-4)  # resampling overshoot is tolerated
+    assert to_unit(slightly_over) is slightly_over
+    torch.testing.assert_close(to_unit(a8), a8.float() / 255)
+
+
 def test_report_serialises_to_json_and_markdown():
     results = [
         MetricResult("fid", 6.5, 100, "dresses"), MetricResult("kid", 0.00107, 100, "dresses", scale=1000.0),
@@ -67,17 +107,46 @@ def _data():
     return torch.rand(16, 3, 20, 20, generator=g), torch.rand(16, 3, 20, 20, generator=g) * 0.7
 
 
+def _colours(images: torch.Tensor) -> torch.Tensor:
+    """A deterministic garment encoder: mean colour and a coarse 2x2 layout."""
+    return torch.cat([images.mean(dim=(2, 3)), nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)], 1) - 0.5
+
+
+_GARMENTS = [f"g{i}" for i in range(4)]
+
+
 def _metrics():
-    from fashionshoot.metrics import FID, KID, SSIM
+    from fashionshoot.metrics import FID, KID, SSIM, GarmentRetrievalRecall
     from fashionshoot.metrics.protocol import FASHIONSHOOT
 
-    p = FASHIONSHOOT.replace(feature_resize="none", kid_subset_size=8, kid_subsets=3)
+    # shrink with a subset larger than one rank's 8 samples: the subset size used depends on the global counts
+    p = FASHIONSHOOT.replace(feature_resize="none", kid_subset_size=12, kid_subsets=3, kid_subset_policy="shrink")
     tiny = _Tiny()
-    return {"fid": FID(tiny, p), "kid": KID(tiny, p), "ssim": SSIM(p)}
+    real, _ = _data()
+    recall = GarmentRetrievalRecall.from_gallery_images(_colours, real[:4], _GARMENTS, protocol=p)
+    return {"fid": FID(tiny, p), "kid": KID(tiny, p), "ssim": SSIM(p), "garment_recall": recall}
+
+
+def _feed(metrics, real: torch.Tensor, fake: torch.Tensor, offset: int) -> None:
+    for name, m in metrics.items():
+        if hasattr(m, "update_features"):
+            m.update(real, real=True)
+            m.update(fake, real=False)
+        elif name == "garment_recall":
+            m.update(fake, [_GARMENTS[(offset + i) % 4] for i in range(len(fake))])
+        else:
+            m.update(fake, real)
 
 
 def _values(metrics):
-    return {k: float(m.compute()[0] if k == "kid" else m.compute()) for k, m in metrics.items()}
+    return {k: float(m.compute()[0] if k == "kid" else m.compute()) for k, m in metrics.items()
+            if k != "garment_recall"}
+
+
+def _results(metrics):
+    """What result() reports: value, std, n and details, per metric (one entry per k for recall)."""
+    return {k: [{f: r.to_dict()[f] for f in ("metric", "value", "std", "n", "details")} for r in m.results()]
+            for k, m in metrics.items()}
 
 
 def _worker(rank: int, path: str, out: str) -> None:
@@ -87,16 +156,12 @@ def _worker(rank: int, path: str, out: str) -> None:
     real, fake = _data()
     metrics = _metrics()
     half = slice(rank * 8, rank * 8 + 8)
-    for m in metrics.values():
-        if hasattr(m, "update_features"):
-            m.update(real[half], real=True)
-            m.update(fake[half], real=False)
-        else:
-            m.update(fake[half], real[half])
-    values = _values(metrics)
+    _feed(metrics, real[half], fake[half], offset=rank * 8)
+    values, results = _values(metrics), _results(metrics)
+    local_n = int(metrics["ssim"].count)  # result() must leave this rank's own states in place
     if rank == 0:
         with open(out, "w") as fh:
-            json.dump(values, fh)
+            json.dump({"values": values, "results": results, "local_n": local_n}, fh)
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
     # Skip interpreter teardown: under the full suite a spawned gloo worker once died with SIGABRT
@@ -108,17 +173,24 @@ def _worker(rank: int, path: str, out: str) -> None:
 def test_distributed_states_equal_single_process(tmp_path):
     real, fake = _data()
     single = _metrics()
-    for m in single.values():
-        if hasattr(m, "update_features"):
-            m.update(real, real=True)
-            m.update(fake, real=False)
-        else:
-            m.update(fake, real)
-    expected = _values(single)
+    _feed(single, real, fake, offset=0)
+    expected, expected_results = _values(single), _results(single)
     out = tmp_path / "ddp.json"
     torch.multiprocessing.spawn(_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
-    got = json.loads(out.read_text())
+    data = json.loads(out.read_text())
+    got, got_results = data["values"], data["results"]
     for key in ("fid", "ssim"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5)
     # KID: gathered features keep rank order, so the union (and each seeded subset) is the same set.
     assert got["kid"] == pytest.approx(expected["kid"], rel=1e-4)
+    # result(): n, std and details (KID's n_real / subset_size_used...) are global too, not rank 0's.
+    assert expected_results["kid"][0]["details"]["subset_size_used"] == 12
+    for key, results in expected_results.items():
+        assert [(r["metric"], r["n"], r["details"]) for r in got_results[key]] == \
+            [(r["metric"], r["n"], r["details"]) for r in results], key
+        for g, e in zip(got_results[key], results, strict=True):
+            assert g["value"] == pytest.approx(e["value"], rel=1e-4), key
+            assert (g["std"] is None) == (e["std"] is None), key
+            if e["std"] is not None:
+                assert g["std"] == pytest.approx(e["std"], rel=1e-4), key
+    assert data["local_n"] == 8

@@ -99,3 +99,25 @@ def test_pil_encoders_plug_in():
     metric = GarmentRetrievalRecall.from_gallery_images(pil_encoder, garments, [str(i) for i in range(6)])
     metric.update(garments, [str(i) for i in range(6)])
     assert metric.compute()[1] == 1.0
+
+
+def test_garment_recall_takes_images_of_mixed_sizes():
+    from fashionshoot.metrics.fidelity import embed
+
+    gen = torch.Generator().manual_seed(1)
+    garments = [torch.rand(3, 16, 12, generator=gen), torch.rand(3, 20, 16, generator=gen),
+                torch.rand(3, 20, 16, generator=gen), torch.rand(3, 16, 12, generator=gen)]
+    ids = ["a", "b", "c", "d"]
+    calls = []
+
+    def encoder(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        return _colour_encoder(batch)
+
+    gallery = embed(encoder, garments, batch_size=64)
+    assert calls == [1, 2, 1]  # equal-size neighbours stacked, order kept
+    one_by_one = torch.cat([embed(_colour_encoder, [g]) for g in garments])
+    torch.testing.assert_close(gallery, one_by_one)
+    metric = GarmentRetrievalRecall.from_gallery_images(_colour_encoder, garments, ids)
+    metric.update(garments, ids)  # queries of mixed sizes in one update
+    assert metric.compute()[1] == 1.0

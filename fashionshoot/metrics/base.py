@@ -7,6 +7,8 @@ SSIM, CLIP scores), so the shared part is only how a computed value becomes a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -40,9 +42,28 @@ class ProtocolMixin:
             record["extractor"] = self.extractor_info.to_dict()
         return record
 
+    @contextmanager
+    def synced_states(self) -> Iterator[None]:
+        """Inside: the states gathered from every process, as ``compute()`` sees them; local ones after.
+
+        Why: torchmetrics synchronises states only for the duration of ``compute()``, so a count, std or
+        detail read from the states outside it is this rank's alone while the value is global.
+        """
+        already = self._is_synced  # a caller's own ``sync()``: neither sync twice nor undo theirs
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync and not already,
+                               should_unsync=self._should_unsync and not already):
+            yield
+
+    def compute_states(self) -> Any:
+        """``compute()`` on the states as they are now, without torchmetrics' wrapper (which would sync
+        again, and fail, inside :meth:`synced_states`; or return a value cached before a sync)."""
+        return type(self).compute(self)
+
     def result(self, category: str = AGGREGATE) -> MetricResult:
-        """Compute and wrap the value with its protocol (synchronised across processes, like ``compute``)."""
-        value, std, n, scale, details = self._result_parts()
+        """Compute and wrap the value with its protocol; value, n, std and details all come from the
+        states synchronised across processes."""
+        with self.synced_states():
+            value, std, n, scale, details = self._result_parts()
         return MetricResult(
             metric=self.metric_name, value=float(value) * scale, std=None if std is None else float(std) * scale,
             n=n, category=category, scale=scale, details=details, protocol=self.protocol_record(),
@@ -53,6 +74,7 @@ class ProtocolMixin:
         return [self.result(category)]
 
     def _result_parts(self) -> tuple[float, float | None, int, float, dict[str, Any]]:
+        """(value, std, n, scale, details) from the current states; called inside :meth:`synced_states`."""
         raise NotImplementedError
 
 
@@ -99,4 +121,4 @@ class MeanScoreMetric(ProtocolMixin, Metric):
     def _result_parts(self) -> tuple[float, float | None, int, float, dict[str, Any]]:
         scale = self._scale()
         details = {"clamped_at_zero": True} if self.clamp_at_zero else {}
-        return float(self.compute()) / scale, self._std(), int(self.count), scale, details
+        return float(self.compute_states()) / scale, self._std(), int(self.count), scale, details

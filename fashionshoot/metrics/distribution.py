@@ -83,7 +83,7 @@ class FID(_FeatureMixin, FrechetInceptionDistance):
     def _result_parts(self) -> tuple[float, float | None, int, float, dict[str, Any]]:
         n_real, n_fake = int(self.real_features_num_samples), int(self.fake_features_num_samples)
         details = {"n_real": n_real, "n_fake": n_fake, "feature_dim": int(self.real_features_sum.numel())}
-        return float(self.compute()), None, min(n_real, n_fake), 1.0, details
+        return float(self.compute_states()), None, min(n_real, n_fake), 1.0, details
 
 
 def kid_subset_size(n_real: int, n_fake: int, protocol: Protocol) -> int:
@@ -186,8 +186,8 @@ class KID(_FeatureMixin, KernelInceptionDistance):
                                  self.degree, self.gamma, self.coef)
 
     def _result_parts(self) -> tuple[float, float | None, int, float, dict[str, Any]]:
-        real, fake = self._features()
-        mean, std = self.compute()
+        real, fake = self._features()  # gathered from every process: the counts the value is computed from
+        mean, std = self.compute_states()
         details = {
             "n_real": real.shape[0], "n_fake": fake.shape[0],
             "subset_size_used": kid_subset_size(real.shape[0], fake.shape[0], self.protocol),

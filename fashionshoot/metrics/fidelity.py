@@ -9,7 +9,7 @@ protocol's ``retrieval_ks``). The encoder is any callable mapping an (N, 3, H, W
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,14 +39,29 @@ def from_pil_encoder(embed_images: Callable[[Sequence[Image.Image]], Tensor]) ->
     return encode
 
 
+def _equal_size_runs(items: Sequence[Tensor], batch_size: int) -> Iterator[list[Tensor]]:
+    """Consecutive images of one size, at most ``batch_size`` at a time, in order.
+
+    Why: an encoder takes an (N, 3, H, W) batch, but catalogue garments and generated images come in any
+    size; stacking only equal-size neighbours keeps the order and never resizes behind the encoder's back.
+    """
+    start = 0
+    while start < len(items):
+        end = start + 1
+        while end < len(items) and end - start < batch_size and items[end].shape == items[start].shape:
+            end += 1
+        yield list(items[start:end])
+        start = end
+
+
 def embed(encoder: ImageEncoder, images: Images, batch_size: int = 64) -> Tensor:
-    """L2-normalised embeddings of ``images`` in batches (equal-size images are stacked per batch)."""
+    """L2-normalised embeddings of ``images`` of any sizes, in order; runs of equal-size images are stacked
+    into batches of at most ``batch_size``."""
     items = [to_unit(i) for i in as_list(images)]
-    chunks = []
+    if not items:
+        raise DataError("cannot embed an empty set of images")
     with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            chunks.append(encoder(torch.stack(items[start : start + batch_size])).float())
-    out = torch.cat(chunks)
+        out = torch.cat([encoder(torch.stack(run)).float() for run in _equal_size_runs(items, batch_size)])
     return out / out.norm(dim=-1, keepdim=True)
 
 
@@ -101,18 +116,26 @@ class GarmentRetrievalRecall(ProtocolMixin, Metric):
         relevant[torch.arange(len(items)), target] = True
         self.ranks.append(first_relevant_rank(queries @ gallery.T, relevant))
 
-    def compute(self) -> dict[int, float]:
-        if not self.ranks:
+    def _ranks(self) -> Tensor:
+        """Every query's rank so far (after a DDP sync the state is one tensor, before it a list)."""
+        ranks = self.ranks
+        if isinstance(ranks, list):
+            ranks = dim_zero_cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        if ranks.numel() == 0:
             raise RuntimeError("garment recall: compute() called before any update()")
-        return recall_at_k(dim_zero_cat(self.ranks), self.protocol.retrieval_ks)
+        return ranks
+
+    def compute(self) -> dict[int, float]:
+        return recall_at_k(self._ranks(), self.protocol.retrieval_ks)
 
     def results(self, category: str = AGGREGATE) -> list[MetricResult]:
-        """One result per k, named ``garment_r@k``."""
-        recalls = self.compute()
-        n = int(dim_zero_cat(self.ranks).numel())
+        """One result per k, named ``garment_r@k``; recall and n from the ranks of every process."""
+        with self.synced_states():
+            ranks = self._ranks()
+            recalls = recall_at_k(ranks, self.protocol.retrieval_ks)
         details = {"gallery_size": int(self.gallery.shape[0])}
         return [
-            MetricResult(metric=f"garment_r@{k}", value=v, n=n, category=category, details=details,
-                         protocol=self.protocol_record())
+            MetricResult(metric=f"garment_r@{k}", value=v, n=int(ranks.numel()), category=category,
+                         details=details, protocol=self.protocol_record())
             for k, v in recalls.items()
         ]

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from fashionshoot.errors import DataError
+
 Images = Tensor | Sequence[Tensor]
 
 _PIL_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}
@@ -34,13 +36,36 @@ def as_list(images: Images) -> list[Tensor]:
     return items
 
 
+#: How far float images may stray outside [0, 1] (resampling overshoot, rounding) before it is an error.
+RANGE_TOLERANCE = 1e-3
+
+
 def to_unit(images: Tensor) -> Tensor:
-    """Float images in [0, 1]; uint8 is divided by 255, float must already lie in [0, 1]."""
+    """Float images in [0, 1]; uint8 is divided by 255, float must already lie in [0, 1].
+
+    Why check: [0, 255] floats (``pil_to_tensor(img).float()``) or [-1, 1] diffusion outputs would
+    otherwise give plausible-looking but meaningless numbers.
+    """
     if images.dtype == torch.uint8:
         return images.float() / 255
     if not images.is_floating_point():
         raise TypeError(f"expected uint8 or float images, got {images.dtype}")
+    if images.numel():
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+            raise DataError(
+                f"expected float images in [0, 1] (or uint8 in [0, 255]), got values in [{low:.4g}, {high:.4g}]; "
+                f"{_range_hint(low, high)}"
+            )
     return images
+
+
+def _range_hint(low: float, high: float) -> str:
+    if low >= -RANGE_TOLERANCE and high <= 255 + RANGE_TOLERANCE:
+        return "for [0, 255] floats divide by 255 or pass uint8"
+    if low >= -1 - RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE:
+        return "for [-1, 1] images use (x + 1) / 2"
+    return "rescale them to [0, 1]"
 
 
 def to_255(image: Tensor) -> Tensor:

@@ -43,8 +43,9 @@ class LPIPS(MeanScoreMetric):
 
 
 class SSIM(MeanScoreMetric):
-    """Mean per-image SSIM with a Gaussian window; the protocol's ``ssim_border`` decides whether the
-    border is averaged (torchmetrics) or cropped (scikit-image ``gaussian_weights=True``)."""
+    """Mean per-image SSIM with a Gaussian window of ``ssim_sigma`` (``ssim_kernel_size`` pixels wide, which
+    the protocol checks matches sigma); ``ssim_border`` decides whether the border is averaged
+    (torchmetrics) or cropped (scikit-image ``gaussian_weights=True``)."""
 
     metric_name = "ssim"
     higher_is_better = True
@@ -58,7 +59,7 @@ class SSIM(MeanScoreMetric):
             data_range=p.data_range, reduction="none", return_full_image=True,
         )
         if p.ssim_border == "crop":
-            pad = (int(3.5 * p.ssim_sigma + 0.5) * 2) // 2  # torchmetrics' Gaussian window radius
+            pad = p.ssim_kernel_size // 2  # the window radius (the protocol checks it matches sigma)
             scores = ssim_map[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
         self._accumulate(scores)
 

@@ -39,6 +39,15 @@ DISTRIBUTION_METRICS = ("fid", "kid")
 ALL_METRICS = (*DISTRIBUTION_METRICS, *PAIRED_METRICS, "clip_t", "clip_i", "garment_recall")
 
 
+def gaussian_window(sigma: float) -> int:
+    """The Gaussian SSIM window, in pixels, for ``sigma``: torchmetrics' int(3.5 sigma + 0.5) * 2 + 1.
+
+    Why a function: with a Gaussian window torchmetrics ignores ``kernel_size`` and derives it from sigma
+    (as scikit-image does with truncate=3.5), so the protocol's ``ssim_kernel_size`` must equal this.
+    """
+    return int(3.5 * sigma + 0.5) * 2 + 1
+
+
 @dataclass(frozen=True)
 class Protocol:
     """Every setting that defines the value of a metric. Serialised into each result."""
@@ -54,6 +63,7 @@ class Protocol:
     kid_scale: float = 1.0
     kid_seed: int = 0
     lpips_net: LpipsNet = "alex"
+    #: The Gaussian window in pixels; must equal :func:`gaussian_window` of ``ssim_sigma`` (checked).
     ssim_kernel_size: int = 11
     ssim_sigma: float = 1.5
     ssim_border: SsimBorder = "crop"
@@ -65,6 +75,16 @@ class Protocol:
     clip_t_scale: float = 100.0
     clip_i_scale: float = 1.0
     retrieval_ks: tuple[int, ...] = (1, 5, 10)
+
+    def __post_init__(self) -> None:
+        window = gaussian_window(self.ssim_sigma)
+        if self.ssim_kernel_size != window:
+            raise ConfigError(
+                f"protocol {self.name!r}: ssim_kernel_size={self.ssim_kernel_size} does not match "
+                f"ssim_sigma={self.ssim_sigma}: the Gaussian SSIM window is int(3.5 * sigma + 0.5) * 2 + 1 = {window} "
+                f"pixels (torchmetrics, scikit-image gaussian_weights=True); set ssim_kernel_size={window} or "
+                f"change ssim_sigma"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

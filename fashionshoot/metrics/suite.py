@@ -101,6 +101,8 @@ class EvaluationSuite:
             return {AGGREGATE: list(range(n))}
         if len(categories) != n:
             raise ValueError(f"{len(categories)} categories for {n} images")
+        if AGGREGATE in categories:  # it would merge into, and be reported as, the pooled result
+            raise DataError(f"category {AGGREGATE!r} is reserved for the pooled result; rename the category")
         groups: dict[str, list[int]] = {}
         for i, c in enumerate(categories):
             groups.setdefault(c, []).append(i)
