@@ -159,9 +159,14 @@ def _worker(rank: int, path: str, out: str) -> None:
     _feed(metrics, real[half], fake[half], offset=rank * 8)
     values, results = _values(metrics), _results(metrics)
     local_n = int(metrics["ssim"].count)  # result() must leave this rank's own states in place
+    lone = _metrics()["kid"]  # e.g. a category whose images all landed on rank 1: rank 0 has none
+    if rank == 1:
+        _feed({"kid": lone}, real[half], fake[half], offset=8)
+    lone_result = lone.result()
     if rank == 0:
         with open(out, "w") as fh:
-            json.dump({"values": values, "results": results, "local_n": local_n}, fh)
+            json.dump({"values": values, "results": results, "local_n": local_n,
+                       "lone_kid": [lone_result.value, lone_result.n]}, fh)
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
     # Skip interpreter teardown: under the full suite a spawned gloo worker once died with SIGABRT
@@ -194,3 +199,6 @@ def test_distributed_states_equal_single_process(tmp_path):
             if e["std"] is not None:
                 assert g["std"] == pytest.approx(e["std"], rel=1e-4), key
     assert data["local_n"] == 8
+    alone = _metrics()["kid"]
+    _feed({"kid": alone}, real[8:], fake[8:], offset=8)
+    assert data["lone_kid"] == [pytest.approx(alone.result().value, rel=1e-6), 8]

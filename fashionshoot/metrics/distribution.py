@@ -11,6 +11,7 @@ MMD^2 with the cubic polynomial kernel (x.y/d + 1)^3, averaged over subsets.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchmetrics.utilities.data import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from fashionshoot.errors import DataError
 from fashionshoot.metrics.base import ProtocolMixin
@@ -26,6 +28,8 @@ from fashionshoot.metrics.images import Images, feature_inputs
 from fashionshoot.metrics.protocol import Protocol, Setting
 
 _FEATURE_FIELDS = ("inception", "feature_resize", "feature_size")
+#: Feature dtypes a KID rank can tell the others by index while syncing (see ``KID._sync_dist``).
+_FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class _FeatureMixin(ProtocolMixin):
@@ -175,9 +179,26 @@ class KID(_FeatureMixin, KernelInceptionDistance):
         (self.real_features if real else self.fake_features).append(features)
 
     def _features(self) -> tuple[Tensor, Tensor]:
-        if not self.real_features or not self.fake_features:
+        real, fake = (dim_zero_cat(f) if len(f) else None for f in (self.real_features, self.fake_features))
+        if real is None or fake is None or not len(real) or not len(fake):
             raise DataError("KID needs both real and generated images; one side received none")
-        return dim_zero_cat(self.real_features), dim_zero_cat(self.fake_features)
+        return real, fake
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any = None) -> None:
+        """Give a side this rank saw no images of a ``(0, D)`` placeholder in the other ranks' width and
+        dtype before torchmetrics gathers it: torchmetrics' own placeholder is 1-D, which cannot be
+        gathered beside ``(N, D)`` features (the ranks' collectives then disagree and gloo fails), as
+        when a category's images all land on one rank."""
+        seen = [f for f in (*self.real_features, *self.fake_features) if f.ndim == 2]
+        mine = [seen[0].shape[1], _FEATURE_DTYPES.index(seen[0].dtype)] if seen else [-1, -1]
+        shapes = dist_sync_fn(torch.tensor(mine, device=self.device), group=process_group or self.process_group)
+        known = [[int(v) for v in s] for s in shapes if int(s[0]) >= 0]
+        if known:
+            width, dtype = known[0][0], _FEATURE_DTYPES[known[0][1]]
+            for name in ("real_features", "fake_features"):
+                if not len(getattr(self, name)):
+                    setattr(self, name, [torch.zeros(0, width, dtype=dtype, device=self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         real, fake = self._features()
