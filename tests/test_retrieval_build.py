@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fashionshoot.data.pairs import read_manifest, select_pairs
 from fashionshoot.data.shards import ShardIndex
 from fashionshoot.errors import DataError
 from fashionshoot.retrieval.build import (
+    DEFAULT_CATEGORIES,
     BuildConfig,
     ConfidenceConfig,
     MatchConfig,
@@ -23,6 +25,7 @@ from fashionshoot.retrieval.build import (
     build_pairs,
     calibrate,
 )
+from fashionshoot.retrieval.categorize import VLMCategorizer, predict
 from fashionshoot.retrieval.detect import Detection
 from fashionshoot.retrieval.encoders import HistogramEncoder
 
@@ -149,6 +152,13 @@ def test_exclusive_tiers_take_the_next_n_and_thresholds_pick_the_best_reached():
     assert calibrate([0.0], ConfidenceConfig(method="sigmoid")) == [0.5]
 
 
+def test_sigmoid_confidence_saturates_instead_of_overflowing():
+    # a sharp scale and a far-off signal (e.g. a -Poincaré-distance member) used to raise OverflowError
+    sharp = ConfidenceConfig(method="sigmoid", center=0.5, scale=0.05)
+    low, mid, high = calibrate([-35.0, 0.5, 40.0], sharp)
+    assert 0.0 <= low < 1e-300 and mid == 0.5 and high == 1.0
+
+
 def test_exclusive_build_and_second_run_embeds_nothing(synthetic, tmp_path):
     members = _members()
     first = _build(synthetic, tmp_path / "out", members, tiers=TierConfig(sizes={"high": 5, "medium": 10}, nested=False))
@@ -168,6 +178,28 @@ def test_resume_after_interruption_gives_identical_output(synthetic, tmp_path):
     resumed = _build(synthetic, tmp_path / "out")
     assert resumed.manifest.read_text() == reference.manifest.read_text()
     assert resumed.report["embedded"]["h4"] < reference.report["embedded"]["h4"]
+
+
+def test_resume_rescores_chunks_whose_garment_image_or_pairing_metadata_changed(synthetic, tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(synthetic, root)
+    everything = TierConfig(sizes={"high": 100, "medium": 100, "low": 100})
+
+    def pairs(out: Path) -> dict[str, tuple[str, str, float]]:
+        result = _build(root, out, tiers=everything, garment_chunk=100)
+        return {r.garment_id: (r.lookbook_id, r.category, round(r.scores["fused"], 4)) for r in result.records}
+
+    before = pairs(tmp_path / "out")
+    shutil.copy(root / "garments" / "g00005.png", root / "garments" / "g00000.png")  # new image
+    rows = [json.loads(line) for line in (root / "garments.jsonl").read_text().splitlines()]
+    rows[1]["category"] = next(r["category"] for r in rows if r["category"] != rows[1]["category"])  # new category
+    (root / "garments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lookbook_brand = [{"lookbook_id": f"{rows[2]['garment_id']}-l{i:02d}", "brand": "Nowhere Atelier"} for i in range(2)]
+    (root / "lookbooks_rendered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lookbook_brand))
+    resumed, fresh = pairs(tmp_path / "out"), pairs(tmp_path / "fresh")
+    assert resumed == fresh
+    assert resumed["g00000"] != before["g00000"] and resumed["g00001"][1] == rows[1]["category"]
+    assert not resumed.get("g00002", ("",))[0].startswith("g00002-")
 
 
 def test_two_ranks_split_the_work_and_rank_zero_merges(synthetic, tmp_path):
@@ -205,6 +237,23 @@ def test_bad_images_and_empty_candidates_are_counted_never_paired(synthetic, tmp
     assert all(r.lookbook_id != "g00001-l00" for r in result.records)
     brands = {m["lookbook_id"]: m["brand"] for m in lookbook_meta}
     assert all(brands[r.lookbook_id].lower() == catalogue[r.garment_id]["brand"].lower() for r in result.records)
+
+
+def test_garments_the_categoriser_cannot_place_are_skipped_and_counted(synthetic, tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(synthetic, root)
+    rows = [json.loads(line) for line in (root / "garments.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("category")
+        r["attributes"].pop("category", None)
+    (root / "garments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # an answer that names no category gives a uniform row: no winner, so no category and no pair
+    vlm = VLMCategorizer(lambda images, prompt: ["I can't tell"] * len(images), DEFAULT_CATEGORIES, "fake-vlm")
+    result = build_pairs(_config(root, tmp_path / "out"), members=_members(), detector=GroundTruthDetector(root),
+                         categorizer=vlm, state=SerialState())
+    assert result.records == []
+    assert result.report["faults"]["counts"]["uncategorised"] == NUM_GARMENTS
+    assert predict(vlm, [Image.new("RGB", (4, 4))]) == [()]
 
 
 def test_mismatched_embedding_dims_are_an_error(synthetic, tmp_path):

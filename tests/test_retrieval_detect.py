@@ -157,7 +157,8 @@ def test_zero_shot_categoriser_picks_the_category_its_prompts_describe():
     images = [_garment((200, 32, 42), "top"), _garment((30, 42, 92), "skirt"), _garment((190, 40, 40), "top")]
     probs = categorizer.scores(images)
     assert probs.shape == (3, 2) and torch.allclose(probs.sum(1), torch.ones(3))
-    assert predict(categorizer, images) == [("top",), ("skirt",), ("top",)]
+    # the third image's histogram scores both prompts exactly alike (0.5 / 0.5): a tie names no category
+    assert predict(categorizer, images) == [("top",), ("skirt",), ()]
     assert predict(categorizer, images[:1], top_k=2) == [("top", "skirt")]
 
 
@@ -168,6 +169,13 @@ def test_vlm_categoriser_maps_free_text_answers_and_refuses_unknown_ones():
     probs = categorizer.scores([Image.new("RGB", (8, 8))] * 3)
     assert probs.argmax(1)[:2].tolist() == [1, 2]
     assert torch.allclose(probs[2], torch.full((3,), 1 / 3)), "an unmatched answer must not pick a category"
+
+
+def test_vlm_categoriser_matches_whole_words_not_substrings():
+    categorizer = VLMCategorizer(lambda images, prompt: [], ["top", "outerwear", "dress", "trousers", "skirt"], "fake")
+    assert categorizer.match("a t-shirt") is None  # partial_ratio used to find "skirt" inside "t-shirt"
+    assert categorizer.match("not a skirt, it's a dress") is None  # names two: no clear winner
+    assert [categorizer.match(a) for a in ("Dresses", "outer wear jacket", "a pair of trowsers")] == [2, 1, 3]
 
 
 def test_fuzzy_matching_restricts_candidates_and_tolerates_typos():

@@ -50,11 +50,23 @@ def test_recall_and_precision_equal_brute_force(seed):
         for k in (1, 5, 10):
             assert got[f"R@{k}"] == pytest.approx(_brute_recall(scores, positives, k, f))
     distinct = torch.randn(20, 30, generator=g)
-    p = precision_at_k(distinct, positives, (1, 3))
-    for k in (1, 3):
-        top = distinct.argsort(dim=1, descending=True)[:, :k]
-        expected = sum(float(positives[q, top[q]].sum()) / k for q in range(20)) / 20
-        assert p[f"P@{k}"] == pytest.approx(expected)
+    answerable = [q for q in range(20) if positives[q].any()]
+    for f in (None, found):
+        p = precision_at_k(distinct, positives, (1, 3), f)
+        for k in (1, 3):  # the queries recall counts; a not-found query scores 0
+            top = distinct.argsort(dim=1, descending=True)[:, :k]
+            expected = sum(float(positives[q, top[q]].sum()) / k for q in answerable if f is None or f[q])
+            assert p[f"P@{k}"] == pytest.approx(expected / len(answerable))
+
+
+def test_precision_counts_the_same_queries_as_recall():
+    # every query ranks its positive first, but the detector found none of them: a miss, not P@1 = 1
+    scores, positives = torch.eye(4) + 0.01 * torch.arange(4.0), torch.eye(4, dtype=torch.bool)
+    task = RetrievalTask("t", [0] * 4, [0] * 4, positives, found=torch.zeros(4, dtype=torch.bool))
+    assert precision_at_k(scores, positives, (1,), task.found) == {"P@1": 0.0}
+    assert precision_at_k(scores, positives, (1,), torch.tensor([1, 1, 0, 0])) == {"P@1": 0.5}
+    positives[3] = False  # an unanswerable query is left out, as in recall
+    assert precision_at_k(scores, positives, (1,)) == {"P@1": 1.0}
 
 
 def test_undetected_queries_count_as_misses_and_shapes_are_checked():

@@ -60,6 +60,22 @@ def test_poincare_distance_is_a_metric_on_samples_and_has_finite_gradients_at_ze
     assert torch.isfinite(x.grad).all()
 
 
+def test_poincare_distance_keeps_its_ranking_near_the_boundary() -> None:
+    # clip_r=None at c=1 puts points within 1e-5 of the boundary; float32 cancellation used to cap
+    # every distance (d(x, x) = 12.2), so a hyperbolic member ranked at random.
+    c = 1.0
+    gen = torch.Generator().manual_seed(0)
+    gallery = hyperbolic.to_ball(torch.randn(100, 32, generator=gen), c)
+    queries = hyperbolic.to_ball(torch.randn(10, 32, generator=gen), c)
+    d = hyperbolic.poincare_distance(queries, gallery, c)
+    sq = torch.cdist(queries.double(), gallery.double()) ** 2
+    denom = (1 - c * (queries.double() ** 2).sum(-1, keepdim=True)) * (1 - c * (gallery.double() ** 2).sum(-1))
+    expected = torch.acosh(1 + 2 * c * sq / denom) / math.sqrt(c)
+    assert torch.equal(d.argmin(1), expected.argmin(1))
+    assert (d.double() - expected).abs().max() < 1e-2
+    assert hyperbolic.poincare_distance(gallery[:5], gallery[:5], c).diagonal().max() < 1e-2
+
+
 def test_expmap_stays_inside_the_ball_and_clipping_bounds_the_norm() -> None:
     c = 1.0
     huge = torch.randn(10, 4) * 1e4
@@ -248,6 +264,15 @@ def test_shortlist_search_rescoring_recovers_the_exact_ranking() -> None:
     # zscore fusion normalises over the candidate union: still a ranking of real gallery rows.
     z = _ensemble(shortlist=40).search(q, g, k=5)
     assert z.indices.shape == (6, 5) and (z.indices >= 0).all() and (z.indices < 400).all()
+
+
+def test_shortlist_search_fills_k_results_when_k_exceeds_the_shortlist() -> None:
+    # Two shortlists of 8 hold at most 16 rows: k=20 used to come back padded with -1 / -inf.
+    q, g = _embedded(5, 8), _embedded(400, 9)
+    result = _ensemble("minmax", shortlist=8).search(q, g, k=20)
+    assert result.indices.shape == (5, 20) and (result.indices >= 0).all()
+    assert torch.isfinite(result.scores).all()
+    assert all(len(set(row)) == 20 for row in result.indices.tolist())
 
 
 @pytest.mark.parametrize("fusion", ["zscore", "minmax", "weighted", "rrf"])

@@ -215,12 +215,21 @@ def build_detector(config: DetectConfig, device: str) -> Detector | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _sigmoid(x: float) -> float:
+    """Logistic function that never overflows: ``math.exp`` only ever sees a non-positive argument
+    (a sharp scale turns a far-below-centre signal into ``exp(700+)``, an OverflowError)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
 def calibrate(signal: Sequence[float], config: ConfidenceConfig) -> list[float]:
     """Map raw pair signals to confidences in [0, 1] (see :class:`ConfidenceConfig`)."""
     if config.method == "sigmoid":
         if config.scale <= 0:
             raise ConfigError("confidence.scale must be > 0")
-        return [1.0 / (1.0 + math.exp(-(s - config.center) / config.scale)) for s in signal]
+        return [_sigmoid((s - config.center) / config.scale) for s in signal]
     if not signal:
         return []
     low, high = min(signal), max(signal)
@@ -311,6 +320,9 @@ class PairBuilder:
         self.weights = {m.name: m.weight for m in config.members if m.name in self.members} or None
         self.detector = detector if detector is not None else build_detector(config.detect, device)
         self._categorizer = categorizer
+        # Injected components are not described by the config, so their names key the chunk results.
+        self._injected = (categorizer.name if categorizer is not None else "",
+                          detector.name if detector is not None else "")
         self.matcher = FuzzyMatcher(config.match.fields, config.match.scorer) if config.match.fields else None
         self.out_dir = Path(config.out_dir)
         self.work_dir = Path(config.work_dir) if config.work_dir else self.out_dir / "work"
@@ -413,6 +425,9 @@ class PairBuilder:
             categories = known[it.item_id]
             if categories is None:
                 categories = predicted.get(it.item_id, tuple(cfg.categories))
+            if not categories:  # the categoriser found no clear winner: a candidate for every category
+                self.fallbacks["uncategorised lookbook: all categories used"] += 1
+                categories = tuple(cfg.categories)
             try:
                 views.append(self._views(it, fps[it.item_id], categories))
             except DataError as exc:
@@ -498,6 +513,10 @@ class PairBuilder:
         garments = [g for g in garments if g.item_id not in missing or g.item_id in images]
         readable = {g.item_id for g in garments}
         predicted = self._categorize([g for g in need_cat if g.item_id in readable], fps, images, 1)
+        for g in garments:
+            if known[g.item_id] is None and not predicted[g.item_id]:
+                faults.skip("uncategorised", f"{g.path} (the categoriser found no clear category)")
+        garments = [g for g in garments if known[g.item_id] is not None or predicted[g.item_id]]
         category = {g.item_id: (known[g.item_id] or predicted[g.item_id])[0] for g in garments}
         keys = [(g.item_id, fps[g.item_id]) for g in garments]
         garment_emb = {}
@@ -595,12 +614,13 @@ class PairBuilder:
         view_emb = {name: cache.get(view_keys) for name, cache in self.caches.items()}
 
         # Phase 2: garment chunks, round-robin over ranks, each result written once and atomically.
-        signature = self._results_signature(view_keys)
+        signature = self._results_signature(view_keys, views)
         chunks = [garments[i : i + cfg.garment_chunk] for i in range(0, len(garments), cfg.garment_chunk)]
         results = self.work_dir / "results"
         results.mkdir(parents=True, exist_ok=True)
-        names = [f"chunk-{i:06d}-{text_fingerprint(signature, *(g.item_id for g in chunk))}.json"
-                 for i, chunk in enumerate(chunks)]
+        garment_fps = self._fingerprints(garments, FaultReport())  # faults are counted per chunk
+        names = [f"chunk-{i:06d}-{text_fingerprint(signature, *(self._garment_key(g, garment_fps) for g in chunk))}"
+                 ".json" for i, chunk in enumerate(chunks)]
         bar = self._progress(len(chunks), "garment chunks")
         for i, (chunk, name) in enumerate(zip(chunks, names, strict=True)):
             if i % world == rank and not (results / name).is_file():
@@ -615,15 +635,26 @@ class PairBuilder:
             return None
         return self._merge([results / n for n in names], garments, lookbooks, faults)
 
-    def _results_signature(self, view_keys: list[tuple[str, str]]) -> str:
+    def _pairing_meta(self, item: CatalogueItem) -> str:
+        """The metadata that decides which pairs an item can form: its categories and fuzzy-match fields."""
+        return text_fingerprint(item.categories, self.matcher.key(item.meta) if self.matcher else ())
+
+    def _garment_key(self, garment: CatalogueItem, fps: Mapping[str, str]) -> str:
+        """A garment's part of its chunk name: a new image or new category/brand must re-score the chunk."""
+        return text_fingerprint(garment.item_id, fps.get(garment.item_id, "unreadable"), self._pairing_meta(garment))
+
+    def _results_signature(self, view_keys: list[tuple[str, str]], views: Sequence[LookbookViews]) -> str:
         """Chunk results stay valid while the settings that shape them and the views are unchanged;
         tiering, confidence and output settings are applied at merge time, so changing them re-uses
-        every chunk."""
+        every chunk. Injected components count by name (the config does not describe them), and each
+        lookbook's pairing metadata and per-category views count because they decide the candidates."""
         cfg = to_dict(self.config)
         shaping = {k: cfg[k] for k in ("categories", "members", "fusion", "detect", "categorize", "match",
                                        "pooling", "pairs_per_garment", "min_fused", "fingerprint")}
+        components = self._injected
+        lookbooks = [(lv.item.item_id, self._pairing_meta(lv.item), sorted(lv.views.items())) for lv in views]
         return text_fingerprint(json.dumps(shaping, sort_keys=True), [m.name for m in self.members.values()],
-                                *view_keys)
+                                components, lookbooks, *view_keys)
 
     def _merge(self, chunk_files: list[Path], garments: list[CatalogueItem], lookbooks: list[CatalogueItem],
                faults: FaultReport) -> BuildResult:

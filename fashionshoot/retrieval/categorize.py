@@ -137,11 +137,20 @@ class Categorizer(Protocol):
     def scores(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
 
 
-def predict(categorizer: Categorizer, images: Sequence[Image.Image], top_k: int = 1) -> list[tuple[str, ...]]:
-    """The ``top_k`` most likely categories of each image, best first."""
+def predict(categorizer: Categorizer, images: Sequence[Image.Image], top_k: int = 1,
+            min_margin: float = 0.0) -> list[tuple[str, ...]]:
+    """The ``top_k`` most likely categories of each image, best first; ``()`` when there is no clear winner.
+
+    A row whose best probability does not beat the runner-up by more than ``min_margin`` (a tie, e.g.
+    the uniform row a :class:`VLMCategorizer` gives an unmappable answer) names no category: ``topk``
+    would otherwise pick an arbitrary tied one and the item would be paired as if it had been categorised.
+    """
     probs = categorizer.scores(images)
     top = probs.topk(min(top_k, probs.shape[1]), dim=1).indices
-    return [tuple(categorizer.categories[i] for i in row) for row in top.tolist()]
+    best2 = probs.topk(min(2, probs.shape[1]), dim=1).values
+    clear = best2[:, 0] - best2[:, -1] > min_margin if probs.shape[1] > 1 else torch.ones(len(probs), dtype=torch.bool)
+    return [tuple(categorizer.categories[i] for i in row) if ok else ()
+            for row, ok in zip(top.tolist(), clear.tolist(), strict=True)]
 
 
 class ZeroShotCategorizer:
@@ -180,32 +189,62 @@ VLM_PROMPT = ("Which kind of garment is shown in this image? Answer with exactly
 class VLMCategorizer:
     """A vision-language model as categoriser: ``answer(images, prompt) -> texts`` is any VLM call
     (e.g. a transformers ``image-text-to-text`` pipeline); each answer is mapped onto the closest
-    category name with rapidfuzz. An answer matching no category (score below ``min_score``) gets a
-    uniform row, so it never silently picks a category. The prompt is versioned for the cache key.
+    category name (see :meth:`match`). An answer matching no category, or several, gets a uniform row,
+    so it never silently picks a category. The prompt is versioned for the cache key.
     """
 
     def __init__(self, answer: Callable[[Sequence[Image.Image], str], Sequence[str]], categories: Sequence[str],
-                 name: str, prompt: str = VLM_PROMPT, min_score: float = 80.0) -> None:
+                 name: str, prompt: str = VLM_PROMPT, min_score: float = 85.0, margin: float = 10.0) -> None:
         self.answer = answer
         self.categories = tuple(categories)
         self.prompt = prompt.format(choices=", ".join(self.categories))
-        self.min_score = min_score
-        self.name = f"vlm|{name}|{VLM_PROMPT_VERSION}|{self.prompt}"
+        self.min_score, self.margin = min_score, margin
+        self.name = f"vlm|{name}|{VLM_PROMPT_VERSION}|{self.prompt}|match=v2/{min_score}/{margin}"
 
     def scores(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        from rapidfuzz import fuzz, process, utils
-
         answers = list(self.answer(images, self.prompt))
         if len(answers) != len(images):
             raise DataError(f"{self.name}: got {len(answers)} answers for {len(images)} images")
         out = torch.full((len(images), len(self.categories)), 1.0 / len(self.categories))
         for i, text in enumerate(answers):
-            match = process.extractOne(text, self.categories, scorer=fuzz.partial_ratio,
-                                       processor=utils.default_process, score_cutoff=self.min_score)
+            match = self.match(text)
             if match is not None:
                 out[i] = 0.0
-                out[i, match[2]] = 1.0
+                out[i, match] = 1.0
         return out
+
+    def match(self, answer: str) -> int | None:
+        """Index of the one category ``answer`` names, or None when it names none or several.
+
+        Whole words first (a plural ``s``/``es`` allowed): substring scorers map "a t-shirt" to
+        "skirt". Failing that, each run of 1-3 answer words (joined with and without spaces, so
+        "outer wear" reaches "outerwear") is compared whole with ``fuzz.ratio`` for typos; the best
+        category must reach ``min_score`` and beat the runner-up by ``margin``.
+        """
+        from rapidfuzz import fuzz, utils
+
+        words = utils.default_process(answer).split()
+        named = [j for j, c in enumerate(self.categories) if _names_category(words, utils.default_process(c).split())]
+        if named:
+            return named[0] if len(named) == 1 else None
+        grams = {sep.join(words[i : i + n]) for n in (1, 2, 3) for i in range(len(words) - n + 1) for sep in ("", " ")}
+        best = sorted((max((fuzz.ratio(g, utils.default_process(c)) for g in grams), default=0.0), j)
+                      for j, c in enumerate(self.categories))[::-1]
+        if not best or best[0][0] < self.min_score:
+            return None
+        if len(best) > 1 and best[0][0] - best[1][0] < self.margin:
+            return None
+        return best[0][1]
+
+
+def _names_category(words: Sequence[str], category: Sequence[str]) -> bool:
+    """Whether ``category``'s words occur consecutively in ``words`` (the last one may be plural)."""
+    n = len(category)
+    if n == 0:
+        return False
+    forms = {category[-1], category[-1] + "s", category[-1] + "es"}
+    return any(list(words[i : i + n - 1]) == list(category[:-1]) and words[i + n - 1] in forms
+               for i in range(len(words) - n + 1))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -291,7 +291,8 @@ class RetrievalEnsemble:
         Otherwise it is exact when the gallery has at most ``shortlist * members`` rows (or ``shortlist`` is 0): all
         members score the full gallery in query blocks of about ``block_elements`` scores. Otherwise
         each member shortlists its own top ``shortlist`` rows (an :class:`ExactIndex` for cosine
-        members, a chunked scan with the member's own similarity otherwise), and the union of the
+        members, a chunked scan with the member's own similarity otherwise; at least ``k`` rows, so
+        every result is filled), and the union of the
         shortlists is re-scored by *every* member and fused per query. Fusion statistics are then
         taken over that union: a re-ranking of candidates, which is how large galleries are searched.
         """
@@ -299,6 +300,8 @@ class RetrievalEnsemble:
         size = _rows(g)
         k = min(k, size)
         shortlist = self.shortlist if shortlist is None else shortlist
+        if shortlist > 0:  # a shortlist shorter than k would leave the tail of every result padded
+            shortlist = max(shortlist, k)
         if self.fusion in ("zscore", "weighted") and all(self._dot(n) for n in self.members):
             return self._search_linear(q, g, k)
         if shortlist <= 0 or shortlist * len(self.members) >= size:

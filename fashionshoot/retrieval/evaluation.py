@@ -73,12 +73,23 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]
     return {f"R@{k}": float(((rank <= k) & answerable).sum()) / n for k in ks}
 
 
-def precision_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
-    """Mean fraction of positives among each query's top k (k capped at the gallery size)."""
+def precision_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[int],
+                   found: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean fraction of positives among each query's top k (k capped at the gallery size).
+
+    The same queries count as for :func:`recall_at_k`, so the two metrics of one task agree: queries
+    without any positive are left out, and a not-found query (``found`` False) scores 0.
+    """
+    answerable = positives.bool().any(dim=1)
+    n = int(answerable.sum())
+    if n == 0:
+        raise DataError("precision_at_k: no query has a positive in the gallery")
+    reached = answerable if found is None else answerable & found.bool()
     out = {}
     for k in ks:
         top = scores.float().topk(min(k, scores.shape[1]), dim=1).indices
-        out[f"P@{k}"] = float(positives.bool().gather(1, top).float().sum(dim=1).div(k).mean())
+        precision = positives.bool().gather(1, top).float().sum(dim=1).div(k)
+        out[f"P@{k}"] = float(precision[reached].sum()) / n
     return out
 
 
@@ -108,7 +119,7 @@ def evaluate(scorer: Scorer, task: RetrievalTask, ks: Sequence[int] = (1, 5, 10)
     for name, s in scores.items():
         metrics = recall_at_k(s, task.positives, ks, task.found)
         if precision:
-            metrics.update(precision_at_k(s, task.positives, ks))
+            metrics.update(precision_at_k(s, task.positives, ks, task.found))
         out[name] = metrics
     return out
 

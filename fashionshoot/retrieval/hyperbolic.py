@@ -22,6 +22,13 @@ import torch
 #: Keep points this far (relative to the radius) inside the ball; matches hyptorch's float32 margin.
 BALL_EPS = 1e-5
 _MIN_NORM = 1e-15
+#: Largest ``sqrt(c) * ||(-x) ⊕ y||`` two projected points can reach: antipodal points at scaled norm
+#: ``r = 1 - BALL_EPS`` give ``tanh(2 artanh r) = 2r / (1 + r²)``. Capping any lower would merge all
+#: far-apart pairs into one distance.
+_MAX_ARG = 2 * (1 - BALL_EPS) / (1 + (1 - BALL_EPS) ** 2)
+#: Squared scaled norm ``c ||x||²`` above which :func:`poincare_distance` works in float64. The defaults
+#: (``c = 0.1``, ``clip_r = 2.3``) keep points at ``tanh(sqrt(c) * 2.3)² ≈ 0.39``, in float32.
+DOUBLE_PRECISION_ABOVE = 0.9
 
 
 def clip_features(x: torch.Tensor, clip_r: float | None) -> torch.Tensor:
@@ -59,14 +66,26 @@ def poincare_distance(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tenso
     ||(-x) ⊕_c y||)`` with the Möbius sum's norm expanded in ``||x||², ||y||², <x, y>``, so no
     (N, M, D) tensor is ever built.
     """
-    x, y = x.float(), y.float()
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    work = torch.float64 if out_dtype == torch.float64 or _near_boundary(x, y, c) else torch.float32
+    x, y = x.to(work), y.to(work)
     xy = x @ y.mT  # <x, y>; the Möbius sum uses u = -x, so <u, y> = -xy
     x2 = (x * x).sum(-1, keepdim=True)  # (..., N, 1)
     y2 = (y * y).sum(-1).unsqueeze(-2)  # (..., 1, M)
     a = 1 - 2 * c * xy + c * y2  # coefficient of u
     b = 1 - c * x2  # coefficient of y
-    num_sq = (a * a * x2 - 2 * a * b * xy + b * b * y2).clamp_min(_MIN_NORM)  # sqrt'(0) is inf
-    den = (1 - 2 * c * xy + c * c * x2 * y2).clamp_min(_MIN_NORM)
+    num_sq = (a * a * x2 - 2 * a * b * xy + b * b * y2).clamp_min(_MIN_NORM**2)  # sqrt'(0) is inf
+    den = (1 - 2 * c * xy + c * c * x2 * y2).clamp_min(_MIN_NORM**2)
     sqrt_c = c**0.5
-    arg = (sqrt_c * num_sq.sqrt() / den).clamp(max=1 - BALL_EPS)
-    return 2 / sqrt_c * torch.atanh(arg)
+    arg = (sqrt_c * num_sq.sqrt() / den).clamp(max=_MAX_ARG if work == torch.float64 else 1 - BALL_EPS)
+    return (2 / sqrt_c * torch.atanh(arg)).to(out_dtype)
+
+
+def _near_boundary(x: torch.Tensor, y: torch.Tensor, c: float) -> bool:
+    """Whether some point lies in the ball's outer band (``c ||x||² > DOUBLE_PRECISION_ABOVE``).
+
+    There ``1 - c ||x||²`` is small and ``num_sq`` a difference of nearly equal terms that float32
+    cancels to noise (every distance then hits the cap and the ranking is random), so the distance is
+    computed in float64. Inside it, float32 is exact enough and ~2.7x faster (one host sync per call)."""
+    norms = [float((t * t).sum(-1).max()) for t in (x, y) if t.numel()]
+    return bool(norms) and c * max(norms) > DOUBLE_PRECISION_ABOVE
