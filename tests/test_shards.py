@@ -134,6 +134,10 @@ def test_a_failed_rewrite_never_looks_complete(tmp_path: Path, pairs: list[PairR
     (images / renamed[6].garment_image).write_bytes((images / renamed[5].garment_image).read_bytes())
     write_pair_shards(renamed, images, out, samples_per_shard=4, one_split_per_shard=False)
     assert sorted(ids(PairShardStream(out))) == sorted(r.pair_id for r in renamed)
+    (out / "notes.tar").write_bytes(b"")  # not a shard name: never touched
+    write_pair_shards(renamed, images, out, samples_per_shard=len(renamed), one_split_per_shard=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.tar", "pairs-000000.tar", "shards.json"]
+    assert sorted(ids(PairShardStream(out))) == sorted(r.pair_id for r in renamed)
 
 
 def test_long_pair_ids_are_written_read_and_resumed(tmp_path: Path, pairs: list[PairRecord]) -> None:
@@ -306,6 +310,14 @@ def test_wrongly_typed_record_fields_are_skipped_as_malformed_records(shard_dir:
     assert set(ids(stream)) == all_ids("p0001", "p0002", "p0003")
     assert dict(stream.faults.counts) == {"malformed record": 3}
     assert "pairs-000000.tar#p0001.json: pair 'p0001': confidence 'high'" in stream.faults.summary()
+
+
+def test_a_sample_cut_after_its_first_member_is_one_missing_member_not_a_readable_sample(shard_dir: Path) -> None:
+    truncate_inside(shard_dir / "pairs-000000.tar", "p0002.lookbook.jpg", True)  # p0002's garment is whole
+    stream = PairShardStream(shard_dir)
+    assert set(ids(stream)) == all_ids("p0002", "p0003")
+    assert dict(stream.faults.counts) == {"missing member": 1, "truncated shard": 1}
+    assert "2 of 4 samples readable" in stream.faults.summary()
 
 
 def test_truncation_inside_a_header_is_caught_by_the_index(shard_dir: Path) -> None:

@@ -190,7 +190,7 @@ def write_pair_shards(
     a shard says where its images are in that shard. Tars are written under temporary names and renamed,
     an existing ``shards.json`` is removed before the first tar replaces one of its shards, and the new
     index is written last, so an interrupted write (or rewrite) never looks complete. On an error the
-    temporary tars are removed.
+    temporary tars are removed; after a rewrite, shards of this ``prefix`` the new index does not list are.
 
     With ``one_split_per_shard`` (the default) each split fills its own shards (one open tar per split, so
     the records can come in any order): a reader of one split, such as a training stream or the unpacking
@@ -233,7 +233,16 @@ def write_pair_shards(
         raise
     index = ShardIndex(out_dir, shards)
     index.save()
+    _remove_stale_shards(out_dir, prefix, {info.name for info in shards})
     return index
+
+
+def _remove_stale_shards(out_dir: Path, prefix: str, current: set[str]) -> None:
+    """Delete ``<prefix>-NNNNNN.tar`` files the new index does not list: left by an earlier, larger write
+    into the same folder, they would be dead weight that ``webdataset`` globs still read."""
+    for path in out_dir.glob(f"{prefix}-*.tar"):
+        if path.name not in current and re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", path.name):
+            path.unlink()
 
 
 def _add_sample(tar: tarfile.TarFile, record: PairRecord, image_root: Path) -> None:
@@ -406,14 +415,15 @@ class PairShardStream(IterableDataset):
                 self.faults.skip("missing shard", f"{path} ({counts[name]} samples)")
                 position += counts[name]
                 continue
-            seen = 0
+            seen = whole = 0  # samples begun; samples with every member (a cut one is counted as missing one)
             for raw in _read_tar(path, name, self.faults):
                 seen += 1
+                whole += not raw.missing()
                 if part.keeps(position):
                     yield raw
                 position += 1
             if seen < counts[name]:
-                self.faults.skip("truncated shard", f"{path} ({seen} of {counts[name]} samples readable)")
+                self.faults.skip("truncated shard", f"{path} ({whole} of {counts[name]} samples readable)")
                 position += counts[name] - seen
 
     def _record(self, raw: _RawSample) -> PairRecord | None:
