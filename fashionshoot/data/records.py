@@ -19,6 +19,11 @@ from fashionshoot.errors import DataError
 TIERS: tuple[str, ...] = ("high", "medium", "low")
 
 
+#: The characters a ``pair_id`` may use to be a shard sample key (a regex class body): WebDataset splits a
+#: member name at the first dot of its basename, so keys must not contain dots.
+KEY_CHARS = "A-Za-z0-9_-"
+
+
 def tiers_at_least(tier: str) -> tuple[str, ...]:
     """All tiers as good as or better than ``tier`` (nested selection): ``medium`` -> (high, medium)."""
     if tier not in TIERS:

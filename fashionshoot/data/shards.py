@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fashionshoot.data.faults import FaultReport
 from fashionshoot.data.images import decode_image
 from fashionshoot.data.pairs import PairFilter, SampleSpec, check_record, parse_record
-from fashionshoot.data.records import TIERS, PairRecord
+from fashionshoot.data.records import KEY_CHARS, TIERS, PairRecord
 from fashionshoot.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,8 @@ INDEX_FORMAT = "fashionshoot-pair-shards"
 INDEX_VERSION = 2
 #: Version 1 indexes (no per-shard split counts) are still read; their shards may hold any split.
 READABLE_VERSIONS = (1, 2)
-#: WebDataset splits a member name at the first dot of its basename, so keys must not contain dots.
-#: (Used with ``fullmatch``: ``$`` would also match before a trailing newline.)
-_KEY = re.compile(r"[A-Za-z0-9_-]+")
+#: A valid sample key (used with ``fullmatch``: ``$`` would also match before a trailing newline).
+_KEY = re.compile(rf"[{KEY_CHARS}]+")
 _ROLES = ("garment", "lookbook")
 _MEMBERS = ("json", *_ROLES)
 

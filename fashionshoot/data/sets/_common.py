@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fashionshoot.data.images import load_image
-from fashionshoot.data.records import PairRecord
+from fashionshoot.data.records import KEY_CHARS, PairRecord
 from fashionshoot.errors import DataError
 
 SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -104,7 +104,7 @@ def file_id(name: str) -> str:
     return name.split("_")[0]
 
 
-_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]")
+_NOT_KEY = re.compile(rf"[^{KEY_CHARS}]")
 
 
 def pair_key(*parts: str) -> str:
