@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 from PIL import Image
 
 from fashionshoot.data.pose import convert_keypoints
-from fashionshoot.errors import DataError, MissingWeightsError
+from fashionshoot.errors import ConfigError, DataError, MissingWeightsError
 from fashionshoot.pipelines.cli import generate_main
 from fashionshoot.pipelines.photoshoot import PhotoshootPipeline, load_photoshoot_pipeline
 from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
@@ -131,6 +136,41 @@ def test_pose_transfer_and_outfit_transfer_share_noise(pipe):
     assert not np.allclose(swapped[0], swapped[2], atol=1e-3)
 
 
+def test_same_noise_also_shares_the_per_step_noise_of_a_stochastic_scheduler(pipe):
+    original = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(original.config)  # draws noise at every step
+    try:
+        swapped = pipe.outfit_transfer({"top": TOP}, [{}, {}], keypoints=_pose(), num_inference_steps=STEPS,
+                                       generator=torch.Generator().manual_seed(0), output_type="np").images
+        np.testing.assert_allclose(swapped[0], swapped[1], atol=1e-5)
+
+        # Two noises per pose, one generator each: image i * 2 + j has pose i and noise j.
+        posed = pipe.pose_transfer({"top": TOP}, [_pose(0), _pose(0)], num_images_per_prompt=2,
+                                   num_inference_steps=STEPS, output_type="np",
+                                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+        np.testing.assert_allclose(posed[0], posed[2], atol=1e-5)
+        np.testing.assert_allclose(posed[1], posed[3], atol=1e-5)
+        assert not np.allclose(posed[0], posed[1], atol=1e-3)
+    finally:
+        pipe.scheduler = original
+
+
+def test_adapter_sized_for_another_unet_is_refused(pipe):
+    from fashionshoot import testing
+    from fashionshoot.models.garment_adapter import GarmentAdapter
+
+    other_levels = testing.tiny_unet(sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), mid_block_type=None)
+    with pytest.raises(ConfigError, match=r"cross-attention layers the adapter lacks: down_blocks\.1\.attentions.*"
+                                          r"adapter cross-attention layers the UNet lacks: down_blocks\.0\.attentions"):
+        PhotoshootPipeline(**{**pipe.components, "unet": other_levels})
+    config = dict(pipe.garment_adapter.config)
+    wider = GarmentAdapter.from_config({**config, "reference_dims": [2 * d for d in config["reference_dims"]]})
+    with pytest.raises(ConfigError, match=r"reference \(self-attention\) widths differ: down_blocks\.0\S* "
+                                          r"\(adapter 64, UNet 32\)"):
+        PhotoshootPipeline(**{**pipe.components, "garment_adapter": wider})
+
+
 def test_mpii16_keypoints_and_keypoints_outside_the_image(pipe):
     mpii = np.random.default_rng(4).uniform(2, 30, size=(16, 3)).astype(np.float32)
     mpii[:, 2] = 1
@@ -152,14 +192,21 @@ def test_bad_inputs_raise_clear_errors(pipe):
         _run(pipe, {"top": TOP}, np.zeros((18, 6)))
     with pytest.raises(DataError, match="disagree"):
         _run(pipe, [{"top": TOP}, {"top": BAG}], prompt=["a", "b", "c"])
-    with pytest.raises(DataError, match="3 generators for 2 starting noises"):
+    with pytest.raises(DataError, match="3 generators for 2 noises"):
         _run(pipe, [{"top": TOP}, {"top": BAG}], generator=[torch.Generator().manual_seed(s) for s in range(3)])
+    with pytest.raises(DataError, match="bare PIL image.*garments={'top': image}"):
+        _run(pipe, TOP)
+    with pytest.raises(DataError, match=r"at least 1: num_images_per_prompt=0, num_inference_steps=0"):
+        _run(pipe, {"top": TOP}, num_images_per_prompt=0, num_inference_steps=0)
+    with pytest.raises(DataError, match=r"latents have shape \(1, 4, 8, 8\); expected \(2, 4, 16, 16\)"):
+        _run(pipe, [{"top": TOP}, {"top": BAG}], latents=torch.randn(1, 4, 8, 8))
+    with pytest.raises(DataError, match="positive multiples of 2, got -32x32"):
+        _run(pipe, {"top": TOP}, height=-32)
 
 
 def test_replaced_attention_processors_are_refused_and_xformers_keeps_them(folder, caplog):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from fashionshoot.errors import ConfigError
     from fashionshoot.models.garment_adapter import install_garment_attention
 
     pipe = load_photoshoot_pipeline(folder)

@@ -28,7 +28,12 @@ from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 from fashionshoot.errors import ConfigError, DataError
-from fashionshoot.models.attention import CONTROLS_KEY, FashionAttnProcessor
+from fashionshoot.models.attention import (
+    CONTROLS_KEY,
+    FashionAttnProcessor,
+    attention_layers,
+    is_self_attention,
+)
 from fashionshoot.models.garment_adapter import GarmentAdapter, install_garment_attention
 from fashionshoot.models.garment_encoder import encode_garment_pixels, scatter_slots
 from fashionshoot.models.guidance import BRANCH_CONDITIONS, combine_guidance, guidance_branches
@@ -62,6 +67,59 @@ def _broadcast(named: Mapping[str, list[Any]]) -> int:
     if wrong:
         raise DataError(f"batch inputs disagree in length (each must be 1 or {size}): {wrong}")
     return size
+
+
+def _layer_mismatches(kind: str, adapter: Mapping[str, int], unet: Mapping[str, int]) -> list[str]:
+    """How the ``{layer: width}`` an adapter was sized for differ from the UNet's, as message parts."""
+    missing = [name for name in unet if name not in adapter]
+    extra = [name for name in adapter if name not in unet]
+    widths = [f"{name} (adapter {adapter[name]}, UNet {unet[name]})"
+              for name in adapter if name in unet and adapter[name] != unet[name]]
+    return [f"{what}: {', '.join(names)}" for what, names in (
+        (f"UNet {kind} layers the adapter lacks", missing),
+        (f"adapter {kind} layers the UNet lacks", extra),
+        (f"{kind} widths differ", widths),
+    ) if names]
+
+
+def _check_adapter_fits(unet: UNet2DConditionModel, adapter: GarmentAdapter) -> None:
+    """Refuse an adapter sized for another UNet: its garment keys would reach no layer (or reach one of
+    another width), so the garment would silently have no effect, or fail deep inside attention."""
+    layers = attention_layers(unet)
+    problems: list[str] = []
+    if adapter.uses_cross_attention:
+        cross = {n: a.to_k.out_features for n, a in layers.items() if not is_self_attention(n, a)}
+        sized = dict(zip(adapter.config.layers, adapter.config.layer_dims, strict=True))
+        problems += _layer_mismatches("cross-attention", sized, cross)
+    if adapter.uses_reference:
+        selfs = {n: a.to_k.in_features for n, a in layers.items() if is_self_attention(n, a)}
+        sized = dict(zip(adapter.config.reference_layers, adapter.config.reference_dims, strict=True))
+        problems += _layer_mismatches("reference (self-attention)", sized, selfs)
+    if problems:
+        raise ConfigError("garment adapter does not fit this UNet (build it with GarmentAdapter.from_unet(unet, ...)): "
+                          + "; ".join(problems))
+
+
+def _clone(generator: torch.Generator) -> torch.Generator:
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+def _same_noise_step_generators(generator: torch.Generator | list[torch.Generator] | None, n: int, batch: int
+                                ) -> list[torch.Generator]:
+    """Per-image generators for a stochastic scheduler's per-step noise (Euler ancestral) with ``same_noise``.
+
+    Image ``i * n + j`` gets a copy of noise ``j``'s generator, so images with the same conditions draw
+    the same noise at every step, not only at the start. Noise ``j``'s generator is the caller's
+    ``generator[j]``, or one seeded from ``generator`` (the global RNG when ``None``); the seeds are
+    drawn after the starting noise, which therefore stays what it was.
+    """
+    if not isinstance(generator, list):
+        device = generator.device if generator is not None else torch.device("cpu")
+        seeds = torch.randint(2**62, (n,), generator=generator, device=device).tolist()
+        generator = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    return [_clone(generator[j]) for _ in range(batch) for j in range(n)]
 
 
 class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
@@ -105,6 +163,7 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         if garment_adapter.uses_cross_attention and encoder_dim != garment_adapter.config.image_embed_dim:
             raise ConfigError(f"image encoder width {encoder_dim} != garment adapter image_embed_dim "
                               f"{garment_adapter.config.image_embed_dim}")
+        _check_adapter_fits(unet, garment_adapter)
         install_garment_attention(unet)
 
     @property
@@ -184,11 +243,17 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         mask = self.mask_processor.preprocess(list(masks), height=height, width=width)
         return inpaint_inputs(self.vae, latent_size, len(images), pixels, mask).to(self.unet.dtype)
 
-    def _check_garments(self, outfit: list[Any]) -> list[Image.Image | None]:
-        for slot, garment in zip(self.slots, outfit, strict=True):
+    def _arrange_garments(self, outfit: Outfit[Image.Image]) -> list[Image.Image | None]:
+        """One outfit in slot order, each garment a PIL image or ``None``."""
+        if isinstance(outfit, Image.Image):
+            raise DataError(f"garments must be an outfit ({{slot: image}} or images in slot order "
+                            f"{', '.join(self.slots)}), or a list of outfits; got a bare PIL image: "
+                            f"e.g. garments={{{self.slots[0]!r}: image}}")
+        arranged = arrange_outfit(outfit, self.slots)
+        for slot, garment in zip(self.slots, arranged, strict=True):
             if garment is not None and not isinstance(garment, Image.Image):
                 raise DataError(f"garment in slot {slot!r} is a {type(garment).__name__}; expected a PIL image or None")
-        return outfit
+        return arranged
 
     def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Any = None) -> None:
         """Keep the garment processors (``enable_xformers_memory_efficient_attention`` lands here).
@@ -245,13 +310,19 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         of them. ``prompt`` / ``negative_prompt``: one string or one per sample (``None``: no text).
         Inputs of length 1 are shared across the batch. ``image`` / ``mask_image`` (inpainting UNets
         only): a scene to keep outside the white mask region, one or one per sample. ``same_noise`` gives
-        every sample the same starting noise, so samples differ only by their conditions (used by
-        :meth:`outfit_transfer` / :meth:`pose_transfer`).
+        every sample the same noise, the starting noise and a stochastic scheduler's per-step noise, so
+        samples differ only by their conditions (used by :meth:`outfit_transfer` / :meth:`pose_transfer`);
+        its ``generator`` is one generator or one per image of a prompt (``num_images_per_prompt``).
         """
         self._check_processors()
+        bad = [f"{name}={value}" for name, value in (("num_images_per_prompt", num_images_per_prompt),
+                                                     ("num_inference_steps", num_inference_steps)) if value < 1]
+        if bad:
+            raise DataError(f"must be at least 1: {', '.join(bad)}")
         height, width = height or self.default_size[0], width or self.default_size[1]
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise DataError(f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}")
+        if min(height, width) < 1 or height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise DataError(f"height and width must be positive multiples of {self.vae_scale_factor}, "
+                            f"got {height}x{width}")
         prompt, negative_prompt = prompt or "", negative_prompt or ""  # None: no text, as in diffusers
         inputs = {
             "garments": [outfit if outfit is not None else {}
@@ -265,7 +336,16 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
         batch = _broadcast(inputs)
         n = num_images_per_prompt
         per_image = {k: [v[i if len(v) > 1 else 0] for i in range(batch) for _ in range(n)] for k, v in inputs.items()}
-        outfits = [self._check_garments(arrange_outfit(o, self.slots)) for o in per_image["garments"]]
+        outfits = [self._arrange_garments(o) for o in per_image["garments"]]
+        shape = (len(outfits), self.vae.config.latent_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise DataError(f"latents have shape {tuple(latents.shape)}; expected {shape}: (images, latent channels, "
+                            f"height / {self.vae_scale_factor}, width / {self.vae_scale_factor})")
+        noises = n if same_noise else len(outfits)
+        if isinstance(generator, list) and len(generator) != noises:
+            raise DataError(f"{len(generator)} generators for {noises} noises: pass one generator, or one per "
+                            "generated image (one per image of a prompt with same_noise)")
         device, dtype = self._execution_device, self.unet.dtype
 
         branches = guidance_branches(guidance_scale_text, guidance_scale_garment)
@@ -280,18 +360,13 @@ class PhotoshootPipeline(DiffusionPipeline, TextualInversionLoaderMixin):
 
         # Before the noise: init_noise_sigma depends on the timesteps (Euler, DPM++).
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        shape = (len(outfits), self.vae.config.latent_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
         if latents is None:
-            noise_shape = (n, *shape[1:]) if same_noise else shape
-            if isinstance(generator, list) and len(generator) != noise_shape[0]:
-                raise DataError(f"{len(generator)} generators for {noise_shape[0]} starting noises: pass one "
-                                "generator, or one per generated image (one per image of a prompt with same_noise)")
-            latents = randn_tensor(noise_shape, generator=generator, device=device, dtype=dtype)
+            latents = randn_tensor((noises, *shape[1:]), generator=generator, device=device, dtype=dtype)
             latents = latents.repeat(batch, 1, 1, 1) if same_noise else latents
         latents = latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
-        step_kwargs = self._step_kwargs(generator)
+        step_generator = _same_noise_step_generators(generator, n, batch) if same_noise else generator
+        step_kwargs = self._step_kwargs(step_generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * len(branches)), t)
             model_input = torch.cat([model_input, *extra], dim=1)
