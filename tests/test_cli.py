@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from fashionshoot.cli import main
+from fashionshoot.errors import DataError
+from fashionshoot.pipelines.cli import read_keypoints
 
 
 def test_synth_generates_shards_and_reads_everything_back(tmp_path, capsys):
@@ -32,3 +35,23 @@ def test_help_and_unknown_command(capsys):
     assert "synth" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2
     assert "unknown command 'no-such-command'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"keypoints": [[1, 2]] * 18, "size": 64}, r"'size' must be \[width, height\], two positive numbers; got 64"),
+    ({"keypoints": [[1, 2]] * 18, "size": [0, 64]}, r"'size' must be .*got \[0, 64\]"),
+    ({"people": [{"face_keypoints_2d": []}]}, "the first OpenPose person has no 'pose_keypoints_2d'"),
+])
+def test_bad_keypoint_file_is_a_data_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=rf"pose\.json: {message}"):
+        read_keypoints(path, (32, 32))
+
+
+def test_generate_refuses_counts_below_one_before_loading_anything(tmp_path, capsys):
+    argv = ["generate", f"pipeline={tmp_path / 'no-pipeline'}", f"out_dir={tmp_path}"]
+    assert main([*argv, "num_images=0", "steps=0"]) == 1
+    assert "generate: must be at least 1: steps=0, num_images=0" in capsys.readouterr().err
+    assert main([*argv, "batch_size=0"]) == 1
+    assert "batch_size=0" in capsys.readouterr().err

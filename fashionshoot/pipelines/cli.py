@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from fashionshoot.config import config_from_argv, save_config
-from fashionshoot.errors import DataError, FashionshootError
+from fashionshoot.errors import ConfigError, DataError, FashionshootError
 
 #: Pair and garment ids become file names in an evaluation set.
 _SAFE_STEM = re.compile(r"[A-Za-z0-9._-]+")
@@ -72,6 +72,11 @@ class GenerateConfig:
     batch_size: int = 8
     slot_map: dict[str, str] = field(default_factory=lambda: {"trousers": "bottom", "skirt": "bottom"})
 
+    def __post_init__(self) -> None:
+        bad = [f"{key}={getattr(self, key)}" for key in ("steps", "num_images", "batch_size") if getattr(self, key) < 1]
+        if bad:
+            raise ConfigError(f"must be at least 1: {', '.join(bad)}")
+
 
 #: Keys of one generation, and keys of an evaluation set (``pairs=``): each mode refuses the other's.
 SINGLE_IMAGE_KEYS = ("garments", "keypoints", "prompt", "negative_prompt", "num_images")
@@ -97,14 +102,22 @@ def read_keypoints(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     if isinstance(data, dict) and "people" in data:
         if not data["people"]:
             raise DataError(f"{path}: OpenPose file has no people")
-        data = data["people"][0]["pose_keypoints_2d"]
+        person = data["people"][0]
+        if not isinstance(person, dict) or "pose_keypoints_2d" not in person:
+            raise DataError(f"{path}: the first OpenPose person has no 'pose_keypoints_2d' (body keypoints)")
+        data = person["pose_keypoints_2d"]
     frame = None
     if isinstance(data, dict):
         frame = data.get("size")
         data = data.get("keypoints")
     keypoints = as_keypoints(data, where=str(path))
     to_coco18(keypoints, where=str(path))  # a joint count no format has: named here, with the file
-    return rescale_keypoints(keypoints, tuple(frame), size) if frame else keypoints
+    if frame is None:
+        return keypoints
+    if not (isinstance(frame, list) and len(frame) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in frame)):
+        raise DataError(f"{path}: 'size' must be [width, height], two positive numbers; got {frame!r}")
+    return rescale_keypoints(keypoints, tuple(frame), size)
 
 
 def _set_scheduler(pipe: Any, name: SchedulerName) -> None:
