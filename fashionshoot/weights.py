@@ -9,7 +9,7 @@ through :func:`resolve_pretrained` / :func:`load_pretrained`, which
    (``FASHIONSHOOT_ALLOW_DOWNLOAD=1`` and ``HF_HUB_OFFLINE`` unset);
 2. call the model class's real ``from_pretrained`` on the resolved folder with ``local_files_only``;
 3. fail fast with :class:`MissingWeightsError` naming the model and exactly where to put it;
-4. check that a loaded tokenizer actually has a vocabulary.
+4. check that a loaded tokenizer (or each tokenizer of a loaded pipeline) actually has a vocabulary.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _where_to_put(name: str, subfolder: str | None) -> str:
     root = weights_root()
     lines = [f"pass a local directory that holds the model{sub} files"]
     if _looks_like_hub_id(name):
-        target = (root / name) if root else Path(f"$${WEIGHTS_ROOT_ENV}/{name}")
+        target = (root / name) if root else Path(f"${WEIGHTS_ROOT_ENV}/{name}")
         lines.append(f"or place a copy at {target}{sub} (e.g. `hf download {name} --local-dir {target}`)")
         lines.append(f"or set {ALLOW_DOWNLOAD_ENV}=1 on a machine with network access")
     return "; ".join(lines)
@@ -133,6 +133,8 @@ def load_pretrained(
             f"cannot load {cls.__name__} from {folder}{sub} for {str(name_or_path)!r}: {exc}"
         ) from exc
     _check_tokenizer(obj, folder, subfolder)
+    for name, part in getattr(obj, "components", {}).items():  # a diffusers pipeline: one subfolder per part
+        _check_tokenizer(part, folder, f"{subfolder}/{name}" if subfolder else name)
     return obj
 
 

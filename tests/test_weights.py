@@ -32,6 +32,15 @@ def test_missing_hub_id_fails_fast_offline_with_instructions(tmp_path, monkeypat
     assert weights.ALLOW_DOWNLOAD_ENV in message
 
 
+def test_without_a_weights_root_the_message_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv(weights.WEIGHTS_ROOT_ENV, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MissingWeightsError) as info:
+        weights.resolve_pretrained("someorg/some-model")
+    assert "place a copy at $FASHIONSHOOT_WEIGHTS/someorg/some-model (" in str(info.value)
+    assert "$$" not in str(info.value)
+
+
 def test_hub_id_is_found_under_the_weights_root(tiny_models, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
 
@@ -64,16 +73,31 @@ def test_missing_weight_file_is_an_error(tiny_models, tmp_path):
         weights.load_pretrained(UNet2DConditionModel, broken, subfolder="unet")
 
 
+def _empty_vocabulary(tokenizer_dir):
+    """Leave a tokenizer folder loadable but with a 2-token vocabulary, as a failed download can."""
+    (tokenizer_dir / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n")
+    (tokenizer_dir / "tokenizer.json").unlink(missing_ok=True)
+
+
 def test_empty_tokenizer_is_caught(tiny_models, tmp_path):
     from transformers import CLIPTokenizer
 
     broken = tmp_path / "tok"
     shutil.copytree(tiny_models["sd"] / "tokenizer", broken)
-    (broken / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
-    (broken / "merges.txt").write_text("#version: 0.2\n")
-    (broken / "tokenizer.json").unlink(missing_ok=True)
+    _empty_vocabulary(broken)
     with pytest.raises(MissingWeightsError, match="tokens"):
         weights.load_pretrained(CLIPTokenizer, broken)
+
+
+def test_empty_tokenizer_of_a_pipeline_is_caught_naming_its_subfolder(tiny_models, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny_models["sd"], broken)
+    _empty_vocabulary(broken / "tokenizer")
+    with pytest.raises(MissingWeightsError, match=r"tokenizer loaded from \S*sd[/\\]tokenizer has only 2 tokens"):
+        weights.load_pretrained(StableDiffusionPipeline, broken)
 
 
 def test_stable_diffusion_round_trip_generates(tiny_models):
