@@ -101,16 +101,18 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, vars(module) if module else None)
 
 
+def _unknown_keys(prefix: str, unknown: Sequence[str], names: set[str]) -> ConfigError:
+    return ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                       f"valid keys here: {', '.join(prefix + n for n in sorted(names))}")
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and checking types."""
     hints = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-            f"valid keys here: {', '.join(prefix + n for n in sorted(names))}"
-        )
+        raise _unknown_keys(prefix, unknown, names)
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -148,32 +150,47 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str, cls: type | None = None) -> tuple[str, Any]:
     """Split ``key.sub=value``; the value is parsed as YAML (``3`` -> int, ``[1,2]`` -> list).
 
-    A value for a plain string field of config ``cls`` (a prompt, a path) is kept as typed unless it is
-    quoted YAML: YAML would cut ``look #3 on a rooftop`` at the ``#`` (a comment) and read ``no`` as
-    ``False``."""
+    With config ``cls``, a value for a plain string field (a prompt, a path) or one of a string choice's
+    values (``mixed_precision=no``) is kept as typed unless it is quoted YAML: YAML would cut ``look #3
+    on a rooftop`` at the ``#`` (a comment) and read ``no`` as ``False``. The key and value are checked
+    against ``cls`` here, so an error names the override rather than the config file it overrides."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected the form dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    try:
+        return key, _override_value(raw, _field_type(cls, key) if cls is not None else Any, key)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from override {text!r})") from None
+
+
+def _override_value(raw: str, tp: Any, key: str) -> Any:
+    """The value of override ``key=raw`` for a field of type ``tp``, checked against it."""
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-    if cls is not None and _field_type(cls, key) is str and not quoted:
-        return key, raw
+    if not quoted and (tp is str or (typing.get_origin(tp) is typing.Literal and raw in typing.get_args(tp))):
+        return raw
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r} ({exc})") from exc
-    return key, value
+        raise ConfigError(f"{key}: cannot parse value {raw!r} ({exc})") from exc
+    _coerce(value, tp, key)
+    return value
 
 
 def _field_type(cls: type, dotted: str) -> Any:
-    """The declared type of dotted key ``dotted`` in config dataclass ``cls`` (None if there is no such key)."""
+    """The declared type of dotted key ``dotted`` in config dataclass ``cls`` (``Any`` inside a mapping
+    field such as ``data.slot_map``); a key the dataclasses do not have is refused."""
     tp: Any = cls
+    prefix = ""
     for part in dotted.split("."):
-        if not (dataclasses.is_dataclass(tp) and part in {f.name for f in dataclasses.fields(tp)}):
-            return None
-        tp = _field_types(tp)[part]
+        if not dataclasses.is_dataclass(tp):
+            return Any
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        if part not in names:
+            raise _unknown_keys(prefix, [part], names)
+        tp, prefix = _field_types(tp)[part], f"{prefix}{part}."
     return tp
 
 
@@ -198,8 +215,8 @@ def load_config(
         _set_dotted(tree, key, value)
     try:
         return _build(cls, tree)
-    except ConfigError as exc:
-        where = f" (from {path})" if path is not None else ""
+    except ConfigError as exc:  # each override was checked alone: this is the file's, or the combination's
+        where = "" if path is None else f" (from {path}{' and the overrides' if overrides else ''})"
         raise ConfigError(f"{exc}{where}") from None
 
 

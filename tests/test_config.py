@@ -47,6 +47,16 @@ def test_a_string_field_takes_the_value_as_typed_unless_quoted(value, expected):
     assert load_config(Run, None, [f"name={value}"]).name == expected
 
 
+def test_a_choice_takes_the_value_as_typed_and_its_errors_name_the_override(tmp_path):
+    assert load_config(Run, None, ["precision=no"]).precision == "no"  # YAML reads no as False
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 20\n")
+    with pytest.raises(ConfigError, match=r"precision: expected one of .*'fp8' \(from override 'precision=fp8'\)$"):
+        load_config(Run, path, ["precision=fp8"])
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) optim\.lrr;.* \(from override 'optim\.lrr=1'\)$"):
+        load_config(Run, path, ["optim.lrr=1"])
+
+
 def test_int_is_accepted_where_float_is_expected():
     assert load_config(Run, None, ["optim.lr=1"]).optim.lr == 1.0
 
