@@ -40,3 +40,18 @@ def test_per_rank_state_round_trips_and_a_missing_rank_file_is_named(tmp_path: P
     (saved / per_rank_file("ema", 0)).unlink()
     with pytest.raises(ConfigError, match="has no ema-rank0.pt: resume with the number of processes"):
         load_checkpoint(accelerator, saved, {"seed": 0}, per_rank={"ema": restored})
+
+
+def test_registered_state_is_moved_back_to_the_accelerator_device(tmp_path: Path, accelerator: object) -> None:
+    """accelerate's load_state reads registered objects (a whole-weights EMA) onto the CPU, where on a GPU the
+    next EMA step would meet the model's CUDA parameters. The meta device stands in for the GPU."""
+    from types import SimpleNamespace
+
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(torch.nn.Linear(3, 2).parameters(), decay=0.9)
+    accelerator.register_for_checkpointing(ema)
+    saved = save_checkpoint(accelerator, tmp_path, TrainerState(step=1, config={"seed": 0}), keep=1)
+    on_gpu = SimpleNamespace(load_state=accelerator.load_state, process_index=0, device=torch.device("meta"))
+    load_checkpoint(on_gpu, saved, {"seed": 0}, on_device=[ema])
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}

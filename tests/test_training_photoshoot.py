@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import runpy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from interrupted_runs import killed_after
 from PIL import Image
 
 from fashionshoot.config import config_from_argv
+from fashionshoot.data.pairs import read_manifest, write_manifest
+from fashionshoot.data.records import PairRecord
 from fashionshoot.errors import ConfigError, FashionshootError
 from fashionshoot.pipelines.testing import saved_weights
 from fashionshoot.training import PhotoshootTrainConfig, TrainingDiverged, run
@@ -50,6 +55,25 @@ def _config(out: Path, *overrides: str) -> PhotoshootTrainConfig:
     return config_from_argv(PhotoshootTrainConfig, [f"output_dir={out}", *FAST, *overrides], default_path=TINY_YAML)
 
 
+def _manifest_like(shared: list[str], folder: Path, change: Callable[[int, PairRecord], PairRecord]) -> Path:
+    """A copy of the shared manifest in ``folder`` with ``change(index, record)`` applied, beside links to its images."""
+    source = Path(shared[0].split("=", 1)[1])
+    manifest = folder / "pairs.jsonl"
+    write_manifest([change(i, r) for i, r in enumerate(read_manifest(source))], manifest)
+    for image_dir in ("garments", "lookbooks"):
+        (folder / image_dir).symlink_to(source.parent / image_dir)
+    return manifest
+
+
+def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """Step -> value of scalar ``tag`` in the run's tensorboard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(run_dir.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
+
 def test_default_config_end_to_end(tmp_path: Path) -> None:
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
 
@@ -80,8 +104,15 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, shared: list[str]) -> 
               "optim.max_steps=4", "optim.lr_scheduler=cosine"]
     straight = run(_config(tmp_path / "a", *common))
     killed_after(tmp_path / "a", 2, tmp_path / "b")
+    validated = tmp_path / "b" / "validation"  # the killed run validated at step 1, and at 3 after its checkpoint,
+    validated.mkdir()  # and was killed while writing a row
+    (validated / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "num_pairs": 2, "garment_r@1": 0.5}) + "\n"
+                                                     for step in (1, 3)) + '{"step": 4, "num_pa')
+    (validated / "step-00000003.png").touch()
     resumed = run(_config(tmp_path / "b", *common, "checkpoint.resume=latest"))
     assert set(resumed["losses"]) == {3, 4}
+    assert [row.split("|")[1].strip() for row in resumed["metrics"].read_text().splitlines()[2:]] == ["1", "4"]
+    assert sorted(p.name for p in validated.glob("*.png")) == ["step-00000004.png"]
     assert resumed["losses"] == {k: straight["losses"][k] for k in (3, 4)}
     a, b = saved_weights(straight["pipeline"]), saved_weights(resumed["pipeline"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -156,24 +187,29 @@ def test_a_resume_that_would_mix_two_runs_is_refused_before_anything_is_written(
     assert set(branch["losses"]) == {3, 4} and branch["checkpoint"].is_dir()
 
 
-def test_a_fresh_start_with_other_model_settings_builds_the_base_again(tmp_path: Path) -> None:
-    """A run that died before its first checkpoint left a base; starting again with another
-    model.conditioning must not train the old one, and a resume refuses a base that is not its own."""
+def test_a_fresh_start_after_a_run_without_checkpoints_builds_its_own_base_and_validations(tmp_path: Path) -> None:
+    """A run that died before its first checkpoint left a base and validations; starting again with another
+    model.conditioning must not train the old base nor report the old validations, and a resume refuses a
+    base that is not its own."""
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
     from fashionshoot.training.loop import BASE_SOURCE
 
     first = run(_config(tmp_path, "optim.max_steps=1"))
     assert load_photoshoot_pipeline(first["pipeline"]).garment_adapter.config.conditioning == "cross_attention"
     shutil.rmtree(tmp_path / "checkpoints")
+    earlier = (tmp_path / "validation" / "metrics.jsonl").read_text()
     again = run(_config(tmp_path, "optim.max_steps=1", "model.conditioning=reference"))
     assert load_photoshoot_pipeline(again["pipeline"]).garment_adapter.config.conditioning == "reference"
+    (stale,) = tmp_path.glob("validation.stale-*")
+    assert (stale / "metrics.jsonl").read_text() == earlier
+    assert len((tmp_path / "validation" / "metrics.jsonl").read_text().splitlines()) == 1
     recorded = tmp_path / "base" / BASE_SOURCE
     recorded.write_text(json.dumps({**json.loads(recorded.read_text()), "seed": 3}))
     with pytest.raises(ConfigError, match=r"base was built for other settings than this run's checkpoint: seed: 3 -> 0$"):
         run(_config(tmp_path, "optim.max_steps=2", "model.conditioning=reference"))
 
 
-def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, shared: list[str],
+def test_a_skipped_step_still_writes_its_checkpoint_and_is_logged(tmp_path: Path, shared: list[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     real, calls = loop_module.training_loss, []
 
@@ -182,9 +218,12 @@ def test_a_skipped_step_still_writes_its_checkpoint(tmp_path: Path, shared: list
         return real(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(loop_module, "training_loss", nan_at_the_last_step)
-    results = run(_config(tmp_path, *shared, "optim.max_steps=3", "checkpoint.every=3"))
+    results = run(_config(tmp_path, *shared, "optim.max_steps=3", "checkpoint.every=3", "log_with=tensorboard",
+                          "log_every=1"))
     assert results["nan_steps"] == 1 and set(results["losses"]) == {1, 2}
     assert results["checkpoint"].name == "checkpoint-00000003" and results["checkpoint"].is_dir()
+    assert _scalars(tmp_path, "nan_steps") == {1: 0, 2: 0, 3: 1}  # logged too: a diverged run's logs say why
+    assert set(_scalars(tmp_path, "loss")) == {1, 2}
 
 
 class _NanGradient(torch.autograd.Function):
@@ -197,6 +236,18 @@ class _NanGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
         return grad * float("nan")
+
+
+def test_a_step_whose_pairs_all_weigh_zero_trains_on_nothing_instead_of_diverging(tmp_path: Path,
+                                                                                 shared: list[str]) -> None:
+    """Confidence 0 is a valid retrieval score: a step of such pairs has a zero weight sum (0/0 before), over
+    two accumulated micro-batches; with zero gradients from the start and no weight decay, AdamW moves nothing."""
+    manifest = _manifest_like(shared, tmp_path, lambda _, r: dataclasses.replace(r, confidence=0.0))
+    results = run(_config(tmp_path / "run", f"data.manifest={manifest}", shared[1], "optim.max_steps=2",
+                          "optim.batch_size=1", "optim.grad_accum=2", "optim.weight_decay=0", "max_nan_steps=0"))
+    assert results["nan_steps"] == 0 and results["losses"] == {1: 0.0, 2: 0.0}
+    base = saved_weights(Path(shared[1].split("=", 1)[1]))
+    assert all(torch.equal(base[k], v) for k, v in saved_weights(results["pipeline"]).items())
 
 
 def test_a_finite_loss_with_non_finite_gradients_is_skipped_too(tmp_path: Path, shared: list[str],
@@ -233,6 +284,7 @@ def test_script_takes_resume_flag_and_reports_command_line_errors_without_a_trac
     assert script["parse"](["--resume", ""]).checkpoint.resume == ""
     assert script["parse"](["--resume=latest"]).checkpoint.resume == "latest"
     assert script["parse"]([]).checkpoint.resume == "latest"
+    assert script["parse"](["mixed_precision=no"]).mixed_precision == "no"  # documented; YAML would read False
     assert script["main"](["--resume"]) == 2
     assert "--resume needs a value" in capsys.readouterr().err
     assert script["main"](["optim.lrr=1"]) == 2
@@ -293,13 +345,23 @@ def test_gradient_accumulation_trains_what_one_larger_batch_would(tmp_path: Path
     assert _delta(other_seed, one) > 0.1 * _delta(one, base)  # what a real difference looks like
 
 
-def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str]) -> None:
+def test_ema_resumes_exactly_and_lags_the_raw_weights(tmp_path: Path, shared: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     common = [*shared, "checkpoint.every=1", "checkpoint.keep=3", "optim.warmup_steps=0", "optim.max_steps=3"]
     base = saved_weights(Path(shared[1].split("=", 1)[1]))
     plain = run(_config(tmp_path / "plain", *common))
     straight = run(_config(tmp_path / "a", *common, "ema.decay=0.9"))
     killed_after(tmp_path / "a", 2, tmp_path / "b")
+    real, moved = loop_module.load_checkpoint, []
+
+    def recording(*args: object, on_device: list[object], **kwargs: object) -> object:
+        moved.extend(on_device)
+        return real(*args, on_device=on_device, **kwargs)
+
+    monkeypatch.setattr(loop_module, "load_checkpoint", recording)
     resumed = run(_config(tmp_path / "b", *common, "ema.decay=0.9"))
+    # accelerate loads the EMA onto the CPU: it goes back to the device (tests/test_training_checkpoint.py)
+    assert [type(o).__name__ for o in moved] == ["EMAModel"]
     ema, raw = saved_weights(straight["pipeline"]), saved_weights(plain["pipeline"])
     assert straight["losses"] == plain["losses"]  # EMA only changes what is saved, not the trajectory
     assert all(torch.equal(ema[k], v) for k, v in saved_weights(resumed["pipeline"]).items())
@@ -386,22 +448,36 @@ def test_a_launch_whose_processes_did_not_join_is_refused() -> None:
         check_process_count(launched=2, joined=1)
 
 
+@pytest.mark.parametrize(("override", "refused"), [
+    ("optim.max_grad_norm=0", "optim.max_grad_norm=0.0 (must be > 0)"),  # 0 would zero every gradient
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0 (must be > 0)"),  # and a negative norm flip them
+    ("optim.lr=0", "optim.lr=0.0 (must be > 0)"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps=-5 (must be >= 0)"),
+    ("validation.every=-1", "validation.every=-1 (must be >= 0)"),
+    ("validation.num_pairs=-3", "validation.num_pairs=-3 (must be >= 0)"),
+    ("data.resolution=[0, 24]", "data.resolution[0]=0 (must be at least 1)"),
+    ("data.resolution=[32, -8]", "data.resolution[1]=-8 (must be at least 1)"),
+    ("data.min_confidence=1.5", "data.min_confidence=1.5 (must be in [0, 1])"),
+    ("data.weight_power=-1", "data.weight_power=-1.0 (must be >= 0)"),
+    ("loss.garment_weight=-3", "loss.garment_weight=-3.0 (must be >= 0)"),
+    ("ema.decay=1", "ema.decay=1.0 (must be in [0, 1))"),
+])
+def test_a_number_out_of_its_range_is_refused_naming_key_and_range(override: str, refused: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        config_from_argv(PhotoshootTrainConfig, [override], default_path=TINY_YAML)
+
+
 def test_lora_and_full_unet_training_exclude_each_other() -> None:
     with pytest.raises(ConfigError, match="lora_rank"):
         config_from_argv(PhotoshootTrainConfig, ["model.lora_rank=4", "model.train_unet=true"], default_path=TINY_YAML)
 
 
 def test_tensorboard_logging_and_8bit_adam(tmp_path: Path, shared: list[str]) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     results = run(_config(tmp_path, *shared, "optim.max_steps=2", "optim.warmup_steps=0", "log_with=tensorboard",
                           "log_every=1", "optim.optimizer=adamw8bit"))
     base, trained = saved_weights(Path(shared[1].split("=", 1)[1])), saved_weights(results["pipeline"])
     assert _delta(trained, base) > 0
-    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
-    events.Reload()
-    logged = {e.step: e.value for e in events.Scalars("loss")}
-    assert logged == pytest.approx(results["losses"])
+    assert _scalars(tmp_path, "loss") == pytest.approx(results["losses"])
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path, shared: list[str],
@@ -489,19 +565,12 @@ def test_collated_garment_box_is_in_training_pixels() -> None:
 
 
 def test_curriculum_moves_from_broad_to_high_tier(tmp_path: Path, shared: list[str]) -> None:
-    import dataclasses
-
-    from fashionshoot.data.pairs import read_manifest, write_manifest
     from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
     from fashionshoot.training.data import PhotoshootCollator, stage_batches
 
-    source = Path(shared[0].split("=", 1)[1])
     tiers = ("high", "medium", "low")
-    records = [dataclasses.replace(r, tier=tiers[i % 3]) for i, r in enumerate(read_manifest(source))]
-    manifest = tmp_path / "pairs.jsonl"
-    write_manifest(records, manifest)
-    for image_dir in ("garments", "lookbooks"):
-        (tmp_path / image_dir).symlink_to(source.parent / image_dir)
+    manifest = _manifest_like(shared, tmp_path, lambda i, r: dataclasses.replace(r, tier=tiers[i % 3]))
+    records = read_manifest(manifest)
     config = _config(tmp_path / "run", f"data.manifest={manifest}", shared[1], "data.curriculum=[[0, low], [2, high]]",
                      "optim.max_steps=3")
     pipe = load_photoshoot_pipeline(config.model.pretrained)

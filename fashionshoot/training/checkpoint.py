@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,13 +160,19 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, state: TrainerStat
 
 
 def load_checkpoint(accelerator: Any, path: str | Path, config: Mapping[str, Any],
-                    per_rank: Mapping[str, Any] | None = None) -> TrainerState:
+                    per_rank: Mapping[str, Any] | None = None, on_device: Sequence[Any] = ()) -> TrainerState:
     """Restore ``path`` into the prepared objects (and this rank's ``per_rank`` state, see
-    :func:`save_checkpoint`) after checking it was written by a matching config."""
+    :func:`save_checkpoint`) after checking it was written by a matching config.
+
+    ``on_device``: objects registered with ``accelerator.register_for_checkpointing`` that hold tensors
+    (``to(device)``, e.g. an EMA): ``load_state`` reads registered objects onto the CPU, so they are moved
+    back to ``accelerator.device``, where their next update meets the model's parameters."""
     path = Path(path)
     saved = _saved_state(path, config)
     _warn_if_the_schedule_changes(saved, config)
     accelerator.load_state(str(path))
+    for obj in on_device:
+        obj.to(accelerator.device)
     for name, obj in (per_rank or {}).items():
         file = path / per_rank_file(name, accelerator.process_index)
         if not file.is_file():

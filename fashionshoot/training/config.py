@@ -7,6 +7,7 @@ compares it key by key (:mod:`fashionshoot.training.checkpoint`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -191,23 +192,13 @@ class PhotoshootTrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
-        positive = {"optim.max_steps": self.optim.max_steps, "optim.batch_size": self.optim.batch_size,
-                    "optim.grad_accum": self.optim.grad_accum, "checkpoint.every": self.checkpoint.every,
-                    "checkpoint.keep": self.checkpoint.keep, "log_every": self.log_every,
-                    "validation.grid_rows": self.validation.grid_rows, "validation.steps": self.validation.steps}
-        bad = [f"{k}={v}" for k, v in positive.items() if v < 1]
-        if bad:
-            raise ConfigError(f"must be at least 1: {', '.join(bad)}")
-        if self.model.lora_rank < 0 or (self.model.lora_rank and self.model.train_unet):
-            raise ConfigError("model.lora_rank must be >= 0, and LoRA (lora_rank > 0) replaces model.train_unet=true: "
+        self._check_ranges()
+        if self.model.lora_rank and self.model.train_unet:
+            raise ConfigError("LoRA (model.lora_rank > 0) replaces model.train_unet=true: "
                               f"got lora_rank={self.model.lora_rank}, train_unet={self.model.train_unet}")
         if bool(self.model.base) != bool(self.model.image_encoder):
             raise ConfigError("model.base and model.image_encoder go together (an SD folder and a CLIP/SigLIP "
                               f"folder), got base={self.model.base!r}, image_encoder={self.model.image_encoder!r}")
-        if self.model.tiny_vae_steps < 0:
-            raise ConfigError(f"model.tiny_vae_steps must be >= 0 (0: random tiny VAE), got {self.model.tiny_vae_steps}")
-        if not 0.0 <= self.ema.decay < 1.0:
-            raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
         starts = [start for start, _ in self.data.curriculum]
         if starts and (starts[0] != 0 or starts != sorted(set(starts))):
             raise ConfigError(f"data.curriculum stages must start at step 0 and increase, got starts {starts}")
@@ -222,8 +213,33 @@ class PhotoshootTrainConfig:
         if self.data.manifest and self.data.shards:
             raise ConfigError(f"data.manifest and data.shards name two sources of pairs; set one of them to \"\" (got "
                               f"manifest={self.data.manifest!r}, shards={self.data.shards!r})")
-        if self.data.shuffle_buffer < 0 or self.data.num_workers < 0:
-            raise ConfigError(f"data.shuffle_buffer and data.num_workers must be >= 0, got "
-                              f"{self.data.shuffle_buffer} and {self.data.num_workers}")
         if any(v % 8 for v in self.data.resolution):
             raise ConfigError(f"data.resolution must be multiples of 8, got {list(self.data.resolution)}")
+
+    def _check_ranges(self) -> None:
+        """Refuse numbers outside their key's range at start-up: many would not fail but train wrongly
+        (``optim.max_grad_norm`` 0 zeroes every gradient and a negative one flips them; a negative
+        ``data.weight_power`` weighs the least confident pairs most)."""
+        d, m, o, loss, v = self.data, self.model, self.optim, self.loss, self.validation
+        ranges: list[tuple[str, Callable[[float], bool], dict[str, float]]] = [
+            ("at least 1", lambda x: x >= 1, {
+                "optim.max_steps": o.max_steps, "optim.batch_size": o.batch_size, "optim.grad_accum": o.grad_accum,
+                "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
+                "log_every": self.log_every, "validation.grid_rows": v.grid_rows, "validation.steps": v.steps,
+                **{f"data.resolution[{i}]": side for i, side in enumerate(d.resolution)}}),
+            ("> 0", lambda x: x > 0, {"optim.lr": o.lr, "optim.max_grad_norm": o.max_grad_norm}),
+            (">= 0", lambda x: x >= 0, {
+                "max_nan_steps": self.max_nan_steps, "data.shuffle_buffer": d.shuffle_buffer,
+                "data.num_workers": d.num_workers, "data.weight_power": d.weight_power, "model.lora_rank": m.lora_rank,
+                "model.lora_alpha": m.lora_alpha, "model.tiny_vae_steps": m.tiny_vae_steps,
+                "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
+                "loss.snr_gamma": loss.snr_gamma, "loss.noise_offset": loss.noise_offset,
+                "loss.garment_weight": loss.garment_weight, "ema.update_after_step": self.ema.update_after_step,
+                "validation.every": v.every, "validation.num_pairs": v.num_pairs}),
+            ("in [0, 1]", lambda x: 0 <= x <= 1, {} if d.min_confidence is None else {"data.min_confidence": d.min_confidence}),
+            ("in [0, 1)", lambda x: 0 <= x < 1, {"ema.decay": self.ema.decay}),
+        ]
+        bad = [f"{key}={value} (must be {allowed})" for allowed, ok, values in ranges
+               for key, value in values.items() if not ok(value)]
+        if bad:
+            raise ConfigError(f"out of range: {', '.join(bad)}")

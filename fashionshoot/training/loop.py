@@ -14,7 +14,9 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +69,10 @@ from fashionshoot.training.whole_weights import (
 LORA_DIR = "unet_lora"
 #: The settings a run's ``<output_dir>/base`` was built for, kept in it.
 BASE_SOURCE = "fashionshoot_base.json"
-#: Validation grids (``step-<step>.png``) and ``metrics.jsonl`` (one row per validation).
+#: Validation grids (``step-<step>.png``) and :data:`METRICS_LOG` (one row per validation).
 VALIDATION_DIR = "validation"
+METRICS_LOG = "metrics.jsonl"
+_GRID = re.compile(r"^step-(\d+)\.png$")
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -246,8 +250,10 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
 
     The result is ``sum(weight * mse) / weight_norm``; the loop passes ``weight_norm`` = the mean over
     processes of their weight sums over the step's micro-batches, so that the accumulated gradients,
-    averaged by DDP, are the gradient of the weighted mean over the step's whole global batch. All random
-    draws come from ``randomness`` in a fixed order.
+    averaged by DDP, are the gradient of the weighted mean over the step's whole global batch. A
+    ``weight_norm`` of 0 (every sample of the step weighs 0: confidence 0 is a valid retrieval score) gives
+    a loss of 0 with zero gradients, not 0/0 = NaN, which the loop would count as a diverging step. All
+    random draws come from ``randomness`` in a fixed order.
     """
     adapter = frozen.pipe.garment_adapter
     present = batch["slot_mask"].to(frozen.device)
@@ -293,7 +299,8 @@ def training_loss(denoiser: torch.nn.Module, frozen: Frozen, noise_scheduler: An
                                                    tuple(squared.shape[-2:]), loss.garment_weight).to(squared.device)
     per_sample = squared.mean(dim=(1, 2, 3))
     weight = batch["weight"].to(frozen.device) * min_snr_weights(noise_scheduler, timesteps, loss.snr_gamma)
-    return (per_sample * weight).sum() / weight_norm
+    norm = torch.as_tensor(weight_norm, device=per_sample.device).clamp_min(torch.finfo(per_sample.dtype).tiny)
+    return (per_sample * weight).sum() / norm
 
 
 def _prepare_inputs(config: PhotoshootTrainConfig, out: Path, pairs: TrainingPairs, resuming: bool) -> Path:
@@ -478,9 +485,46 @@ def run_validation(pipe: PhotoshootPipeline, config: PhotoshootTrainConfig, reco
     folder = out / VALIDATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     result.grid(config.validation.grid_rows).save(folder / f"step-{step:08d}.png")
-    with open(folder / "metrics.jsonl", "a", encoding="utf-8") as log:
+    with open(folder / METRICS_LOG, "a", encoding="utf-8") as log:
         log.write(json.dumps({"step": step, **result.metrics}) + "\n")
     return result
+
+
+def restart_validation_log(folder: Path, resumed_at: int | None) -> None:
+    """Leave in ``folder`` (the run's ``validation/``) only this run's validations, which its metrics table reports.
+
+    A fresh start (``resumed_at`` None) finds validations there only from an earlier run that left no
+    checkpoint (a fresh start beside checkpoints is refused): they are moved aside to
+    ``validation.stale-<time>``, as the stale ``base/`` is rebuilt. A run resumed at step ``resumed_at``
+    keeps the rows and grids up to it and drops later ones: the interrupted run validated those on the
+    stretch this run trains again, and a changed ``validation.every`` would not overwrite them."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if resumed_at is None:
+        stale = folder.with_name(f"{folder.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(stale)
+        print(f"{folder} held validations of an earlier run that left no checkpoint; moved them to {stale}", flush=True)
+        return
+    for grid in list(folder.iterdir()):  # unlinking while listing
+        match = _GRID.match(grid.name)
+        if match and int(match.group(1)) > resumed_at:
+            grid.unlink()
+    log = folder / METRICS_LOG
+    if log.is_file():
+        rows = [row for row in read_validation_rows(log) if row["step"] <= resumed_at]
+        log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_validation_rows(log: Path) -> list[dict[str, Any]]:
+    """The rows of a run's :data:`METRICS_LOG`; a last line cut short by a killed run is left out, with a
+    message (its validation is redone when the run resumes before it)."""
+    rows = []
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"{log}:{number}: not a complete JSON row (a run killed while writing it?); left out", flush=True)
+    return rows
 
 
 def metrics_table(rows: Sequence[Mapping[str, float]]) -> str:
@@ -706,8 +750,13 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         return pairs.batches_at(collator, config.optim.batch_size, config.seed, accelerator.process_index,
                                 accelerator.num_processes, step, config.optim.grad_accum)
 
-    state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank) if resume else TrainerState()
+    state = TrainerState()
+    if resume:
+        ema = [trainee.ema] if trainee.ema is not None else []
+        state = load_checkpoint(accelerator, resume, resolved, trainee.per_rank, on_device=ema)
     state.config = resolved
+    if accelerator.is_main_process:  # the only writer of validation/
+        restart_validation_log(out / VALIDATION_DIR, state.step if resume else None)
     # wandb files go under the run's folder (as tensorboard's do), unless WANDB_DIR says where
     accelerator.init_trackers("photoshoot", config=_tracker_config(config),
                               init_kwargs={"wandb": {"dir": os.environ.get("WANDB_DIR", str(out))}})
@@ -766,21 +815,22 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
         if finite:
             losses[state.step] = accelerator.reduce(total, "mean").item()
             progress.set_postfix(loss=f"{losses[state.step]:.4f}")
-            if state.step % config.log_every == 0:
-                logged = {"loss": losses[state.step], "lr": trainee.lr_scheduler.get_last_lr()[0],
-                          "nan_steps": state.nan_steps}
-                if pairs.progress is not None:  # every rank's count, not only the logging process's
-                    logged["skipped_samples"] = _sum_over_ranks(accelerator, sum(pairs.progress.skipped().values()))
-                accelerator.log(logged, step=state.step)
         else:
             accelerator.print(f"step {state.step}: non-finite loss or gradients, step skipped "
                               f"({state.nan_steps} so far)")
-            if state.nan_steps > config.max_nan_steps:
-                raise TrainingDiverged(
-                    f"{state.nan_steps} steps had a non-finite loss or gradients (limit "
-                    f"max_nan_steps={config.max_nan_steps}), "
-                    f"the last at step {state.step}: lower optim.lr, prefer mixed_precision=bf16 to fp16, "
-                    "or check the data")
+        if state.step % config.log_every == 0:  # a skipped step too: the logs show why a run stopped
+            logged = {"lr": trainee.lr_scheduler.get_last_lr()[0], "nan_steps": state.nan_steps}
+            if finite:
+                logged["loss"] = losses[state.step]
+            if pairs.progress is not None:  # every rank's count, not only the logging process's
+                logged["skipped_samples"] = _sum_over_ranks(accelerator, sum(pairs.progress.skipped().values()))
+            accelerator.log(logged, step=state.step)
+        if not finite and state.nan_steps > config.max_nan_steps:
+            raise TrainingDiverged(
+                f"{state.nan_steps} steps had a non-finite loss or gradients (limit "
+                f"max_nan_steps={config.max_nan_steps}), "
+                f"the last at step {state.step}: lower optim.lr, prefer mixed_precision=bf16 to fp16, "
+                "or check the data")
         # a skipped step is still a step: its checkpoint and validation are due as usual
         if state.step % config.checkpoint.every == 0 or state.step == config.optim.max_steps:
             last_checkpoint = save_checkpoint(accelerator, out, state, config.checkpoint.keep, trainee.per_rank)
@@ -821,7 +871,7 @@ def run(config: PhotoshootTrainConfig) -> dict[str, Any]:
             final.grid(config.validation.grid_rows).save(results["grid"])
             results["validation"] = final.metrics
             accelerator.log({f"val/{k}": v for k, v in final.metrics.items()}, step=state.step)
-            logged = [json.loads(line) for line in (out / VALIDATION_DIR / "metrics.jsonl").read_text().splitlines()]
+            logged = read_validation_rows(out / VALIDATION_DIR / METRICS_LOG)
             rows = sorted({row["step"]: row for row in logged}.values(), key=lambda row: row["step"])  # reruns: last wins
             (out / "metrics.json").write_text(json.dumps(final.metrics, indent=1) + "\n")
             results["metrics"].write_text(metrics_table(rows))
