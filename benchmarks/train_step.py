@@ -39,7 +39,12 @@ and the median and quartiles of the per-round ratios, which show how much one ru
 move). A staged copy of each step (the same calls with timers between them, checked to give the same
 loss as ``training_loss``) shows where the time goes.
 
-    PYTHONPATH=. python benchmarks/train_step.py [--repeats 30] [--threads 2] [--batch-size 8]
+Each thread count (``--threads``, default 1 then 2) gets its own warm-up, rounds and tables. On a
+2-core machine one thread is the steadier figure: with two, the step has no core to spare, so whatever
+else runs (the OS, a DataLoader worker, a shell) stalls one of the two halves of every parallel op and
+the per-round ratios spread about twice as wide.
+
+    PYTHONPATH=. python benchmarks/train_step.py [--repeats 30] [--threads 1 2] [--batch-size 8]
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,82 +340,67 @@ def unet_ablation(ours: Ours, bare: Bare) -> dict[str, Callable[[], None]]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds (one step per candidate each)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: optim.batch_size of the config")
-    parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the staged per-part timing")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
+Rows = dict[str, tuple[Ours, Bare]]
+Name = tuple[str, str]
 
-    from fashionshoot.config import load_config
-    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
-    from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
-    from fashionshoot.training.config import PhotoshootTrainConfig
 
-    base_config = load_config(PhotoshootTrainConfig, args.config)
-    batch_size = args.batch_size or base_config.optim.batch_size
-    with tempfile.TemporaryDirectory() as tmp:
-        base = save_tiny_photoshoot_pipeline(Path(tmp, "base"), conditioning="cross_attention",
-                                             randomize_zero_init=False, seed=base_config.seed)
-        rows: dict[str, tuple[Ours, Bare]] = {}
-        batch: dict[str, Any] = {}
-        collate_ms = 0.0
-        for row, train_unet in (("train-unet", True), ("default", False)):
-            config = load_config(PhotoshootTrainConfig, args.config, [f"model.train_unet={str(train_unet).lower()}",
-                                                                     "model.conditioning=cross_attention"])
-            if not batch:
-                batch, collate_ms = synthetic_batch(config, load_photoshoot_pipeline(base), batch_size)
-            ours = Ours(base, config, batch)
-            ours.check_staged()
-            rows[row] = (ours, Bare(ours, train_unet))
+@dataclass
+class Measured:
+    """One thread count's interleaved rounds: per-step (wall, CPU) ms, staged parts and UNet ablation."""
 
-        names = [(row, side) for row in rows for side in ("ours", "bare")]
-        ablation = {} if args.no_breakdown else unet_ablation(*rows["train-unet"])
+    threads: int
+    times: dict[Name, list[tuple[float, float]]]
+    stages: dict[Name, list[dict[str, float]]]
+    parts: dict[str, list[float]]
 
-        def runner(row: str, side: str, t: Stages | None = None) -> Callable[[], float]:
-            ours, bare = rows[row]
-            if side == "ours":
-                return (lambda: ours.staged_step(t)) if t is not None else ours.step
-            return lambda: bare.step(t)
 
-        for _ in range(args.warmup):
-            for name in names:
-                runner(*name)()
-                if not args.no_breakdown:
-                    runner(*name, Stages())()
-            for fn in ablation.values():
-                fn()
+def measure(rows: Rows, threads: int, repeats: int, warmup: int, breakdown: bool) -> Measured:
+    """Warm up, then ``repeats`` rounds of one step of every candidate in turn (staged copies after them)."""
+    torch.set_num_threads(threads)
+    names = [(row, side) for row in rows for side in ("ours", "bare")]
+    ablation = unet_ablation(*rows["train-unet"]) if breakdown else {}
 
-        times: dict[tuple[str, str], list[tuple[float, float]]] = {name: [] for name in names}
-        stages: dict[tuple[str, str], list[dict[str, float]]] = {name: [] for name in names}
-        parts: dict[str, list[float]] = {label: [] for label in ablation}
-        for _ in range(args.repeats):
-            for name in names:
-                times[name].append(timed(runner(*name)))
-            if args.no_breakdown:
-                continue
-            for name in names:
-                t = Stages()
-                runner(*name, t)()
-                stages[name].append(dict(t.ms))
-            for label, fn in ablation.items():
-                parts[label].append(timed(fn)[0])
+    def runner(row: str, side: str, t: Stages | None = None) -> Callable[[], float]:
+        ours, bare = rows[row]
+        if side == "ours":
+            return (lambda: ours.staged_step(t)) if t is not None else ours.step
+        return lambda: bare.step(t)
 
-    latent = tuple(rows["train-unet"][1].vae.encode(batch["lookbook"][:1]).latent_dist.mean.shape[-2:])
-    print(f"batch={batch_size} synthetic pairs via PhotoshootCollator (collated once, {collate_ms:.0f} ms, untimed), "
-          f"pixels {tuple(batch['lookbook'].shape[-2:])} -> latents {latent} (H, W), threads={args.threads}, "
-          f"{args.repeats} interleaved rounds after {args.warmup} warm-up")
+    for _ in range(warmup):
+        for name in names:
+            runner(*name)()
+            if breakdown:
+                runner(*name, Stages())()
+        for fn in ablation.values():
+            fn()
+
+    measured = Measured(threads, {name: [] for name in names}, {name: [] for name in names},
+                        {label: [] for label in ablation})
+    for _ in range(repeats):
+        for name in names:
+            measured.times[name].append(timed(runner(*name)))
+        if not breakdown:
+            continue
+        for name in names:
+            t = Stages()
+            runner(*name, t)()
+            measured.stages[name].append(dict(t.ms))
+        for label, fn in ablation.items():
+            measured.parts[label].append(timed(fn)[0])
+    return measured
+
+
+def report(measured: Measured) -> tuple[float, float, float, float]:
+    """Print one thread count's tables; return the headline row's (ratio, paired, low, high)."""
+    names = list(measured.times)
+    rows = dict.fromkeys(row for row, _ in names)
+    print(f"\n== threads={measured.threads}")
     print(f"{'':12}{'ours':>9}{'bare':>9}{'ratio':>8}{'paired':>8}{'quartiles':>14}{'ours':>9}{'bare':>9}{'ratio':>8}")
     print(f"{'':12}{'median wall ms/step':^48}{'median CPU ms/step':^26}")
     print(f"{'':12}(paired: median of the per-round ratios; quartiles: their 25th and 75th percentiles)")
     ratios = {}
     for row in rows:
-        o, b = times[(row, "ours")], times[(row, "bare")]
+        o, b = measured.times[(row, "ours")], measured.times[(row, "bare")]
         cells = []
         for i in (0, 1):
             mo, mb = statistics.median(x[i] for x in o), statistics.median(x[i] for x in b)
@@ -422,27 +413,72 @@ def main() -> None:
               f"{cells[1][0]:9.1f}{cells[1][1]:9.1f}{cells[1][2]:8.3f}")
     ratio, paired, low, high = ratios["train-unet"]
     verdict = "PASS" if ratio <= 1.10 else "FAIL"
-    print(f"summary: train-unet ours/bare = {ratio:.3f} (paired {paired:.3f}, quartiles {low:.3f}-{high:.3f}; "
-          f"target <= 1.10: {verdict}); default config ours/bare = {ratios['default'][0]:.3f} "
-          f"(paired {ratios['default'][1]:.3f})")
+    print(f"summary (threads={measured.threads}): train-unet ours/bare = {ratio:.3f} (paired {paired:.3f}, "
+          f"quartiles {low:.3f}-{high:.3f}; target <= 1.10: {verdict}); default config ours/bare = "
+          f"{ratios['default'][0]:.3f} (paired {ratios['default'][1]:.3f})")
 
-    if args.no_breakdown:
-        return
+    if not measured.parts:
+        return ratios["train-unet"]
     print("\nwhere the time goes: median wall ms per stage of the staged steps (-: not done on that side)")
     print(f"{'stage':32}" + "".join(f"{row + ' ' + side:>18}" for row, side in names))
     for stage in STAGES:
         cells = []
         for name in names:
-            values = [s[stage] for s in stages[name] if stage in s]
+            values = [s[stage] for s in measured.stages[name] if stage in s]
             cells.append(f"{statistics.median(values):18.2f}" if values else f"{'-':>18}")
         print(f"{stage:32}" + "".join(cells))
-    totals = {name: statistics.median(sum(s.values()) for s in stages[name]) for name in names}
+    totals = {name: statistics.median(sum(s.values()) for s in measured.stages[name]) for name in names}
     print(f"{'sum of stages':32}" + "".join(f"{totals[name]:18.2f}" for name in names))
 
     print("\nUNet forward + backward alone, fixed inputs, train-unet models (median wall ms, ratio to bare)")
-    first = statistics.median(next(iter(parts.values())))
-    for label, values in parts.items():
+    first = statistics.median(next(iter(measured.parts.values())))
+    for label, values in measured.parts.items():
         print(f"{label:46}{statistics.median(values):9.1f}{statistics.median(values) / first:8.3f}")
+    return ratios["train-unet"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds (one step per candidate each)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per candidate first")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch intra-op thread counts, measured one after the other")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: optim.batch_size of the config")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the staged per-part timing")
+    args = parser.parse_args()
+    torch.set_num_interop_threads(1)
+
+    from fashionshoot.config import load_config
+    from fashionshoot.pipelines.photoshoot import load_photoshoot_pipeline
+    from fashionshoot.pipelines.testing import save_tiny_photoshoot_pipeline
+    from fashionshoot.training.config import PhotoshootTrainConfig
+
+    base_config = load_config(PhotoshootTrainConfig, args.config)
+    batch_size = args.batch_size or base_config.optim.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        base = save_tiny_photoshoot_pipeline(Path(tmp, "base"), conditioning="cross_attention",
+                                             randomize_zero_init=False, seed=base_config.seed)
+        rows: Rows = {}
+        batch: dict[str, Any] = {}
+        collate_ms = 0.0
+        for row, train_unet in (("train-unet", True), ("default", False)):
+            config = load_config(PhotoshootTrainConfig, args.config, [f"model.train_unet={str(train_unet).lower()}",
+                                                                     "model.conditioning=cross_attention"])
+            if not batch:
+                batch, collate_ms = synthetic_batch(config, load_photoshoot_pipeline(base), batch_size)
+            ours = Ours(base, config, batch)
+            ours.check_staged()
+            rows[row] = (ours, Bare(ours, train_unet))
+        runs = [measure(rows, threads, args.repeats, args.warmup, not args.no_breakdown) for threads in args.threads]
+
+    latent = tuple(rows["train-unet"][1].vae.encode(batch["lookbook"][:1]).latent_dist.mean.shape[-2:])
+    print(f"batch={batch_size} synthetic pairs via PhotoshootCollator (collated once, {collate_ms:.0f} ms, untimed), "
+          f"pixels {tuple(batch['lookbook'].shape[-2:])} -> latents {latent} (H, W), {args.repeats} interleaved "
+          f"rounds after {args.warmup} warm-up, per thread count")
+    headline = [(run.threads, report(run)) for run in runs]
+    print("\nsummary: train-unet ours/bare (paired) by threads: " + ", ".join(
+        f"{threads}: {ratio:.3f} ({paired:.3f})" for threads, (ratio, paired, _, _) in headline))
 
 
 if __name__ == "__main__":

@@ -48,5 +48,6 @@ def test_cpu_train_step_benchmark_runs_and_its_staged_step_is_the_real_one() -> 
     assert done.returncode == 0, done.stderr[-3000:]  # includes the staged-loss == training_loss check
     assert [line.split()[0] for line in done.stdout.splitlines()
             if line.startswith(("train-unet ", "default "))] == ["train-unet", "default"]
-    assert "summary: train-unet ours/bare = " in done.stdout
+    assert "summary (threads=1): train-unet ours/bare = " in done.stdout
+    assert "summary: train-unet ours/bare (paired) by threads: 1: " in done.stdout
     assert "garment image encoder" in done.stdout and "+ garment adapter (PhotoshootDenoiser)" in done.stdout
