@@ -30,7 +30,7 @@ from tqdm import tqdm
 from fashionshoot.config import config_from_argv, save_config
 from fashionshoot.data.faults import FaultReport
 from fashionshoot.data.images import decode_image, load_image
-from fashionshoot.errors import ConfigError, DataError
+from fashionshoot.errors import ConfigError, DataError, script_exit_code
 from fashionshoot.metrics.images import match_reference
 from fashionshoot.metrics.protocol import Protocol, get_protocol
 from fashionshoot.metrics.report import AGGREGATE, EvaluationReport
@@ -435,4 +435,4 @@ def main(argv: Sequence[str] | None = None) -> EvaluationReport:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(script_exit_code("eval/generation.py", main))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fashionshoot.config import config_from_argv, save_config
+from fashionshoot.errors import script_exit_code
 from fashionshoot.retrieval.ensemble import RetrievalEnsemble
 from fashionshoot.retrieval.evaluation import (
     RAG_KS,
@@ -108,4 +109,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(script_exit_code("eval/retrieval.py", lambda: main(sys.argv[1:])))

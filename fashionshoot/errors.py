@@ -1,8 +1,13 @@
-"""Exception types shared across the library.
+"""Exception types shared across the library, and how command-line scripts report them.
 
 One small hierarchy so callers can catch "anything fashionshoot refused" without catching
 unrelated bugs, and so every message names the file, key or model it is about.
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class FashionshootError(Exception):
@@ -19,3 +24,17 @@ class DataError(FashionshootError, ValueError):
 
 class MissingWeightsError(FashionshootError, FileNotFoundError):
     """A pretrained model could not be found locally (and downloading is not allowed)."""
+
+
+def script_exit_code(script: str, job: Callable[[], object]) -> int:
+    """Run a command-line script's ``job``; return its exit status.
+
+    What the library refuses (a bad key, a missing file or weight) is printed as ``<script>: error:
+    <message>`` with status 1: the message names the fix, and a traceback would bury it. Any other
+    exception is a bug and keeps its traceback."""
+    try:
+        job()
+    except FashionshootError as exc:
+        print(f"{script}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -55,3 +55,16 @@ def test_generate_refuses_counts_below_one_before_loading_anything(tmp_path, cap
     assert "generate: must be at least 1: steps=0, num_images=0" in capsys.readouterr().err
     assert main([*argv, "batch_size=0"]) == 1
     assert "batch_size=0" in capsys.readouterr().err
+
+
+def test_scripts_print_what_the_library_refuses_as_one_line(capsys):
+    from fashionshoot.errors import ConfigError, script_exit_code
+
+    def refused():
+        raise ConfigError("generated: expected a list, got 'x'")
+
+    assert script_exit_code("eval/generation.py", refused) == 1
+    assert capsys.readouterr().err == "eval/generation.py: error: generated: expected a list, got 'x'\n"
+    assert script_exit_code("eval/generation.py", lambda: None) == 0
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        script_exit_code("eval/generation.py", lambda: 1 / 0)

@@ -14,6 +14,7 @@ import json
 import sys
 
 from fashionshoot.config import config_from_argv
+from fashionshoot.errors import script_exit_code
 from fashionshoot.retrieval.training import MetricHeadsConfig, run
 
 
@@ -28,4 +29,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(script_exit_code("train/metric_heads.py", lambda: main(sys.argv[1:])))

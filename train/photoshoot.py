@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from fashionshoot.config import config_from_argv
-from fashionshoot.errors import ConfigError
+from fashionshoot.errors import ConfigError, FashionshootError
 from fashionshoot.training import PhotoshootTrainConfig, run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "photoshoot_tiny.yaml"
@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"train/photoshoot.py: error: {err}\nusage: {USAGE}", file=sys.stderr)
         return 2
+    except FashionshootError as err:  # a missing manifest, shard or weight: named in the message
+        print(f"train/photoshoot.py: error: {err}", file=sys.stderr)
+        return 1
     if results["main_process"]:  # one summary per run, not per process
         bad = f"; {results['skipped_total']} bad training samples skipped" if results["skipped_total"] else ""
         print(f"trained to step {results['step']} ({results['nan_steps']} non-finite steps skipped{bad}); "

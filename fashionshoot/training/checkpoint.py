@@ -107,7 +107,8 @@ def _saved_state(path: Path, config: Mapping[str, Any]) -> TrainerState:
     mismatches = config_mismatches(saved.config, config)
     if mismatches:
         raise ConfigError(f"checkpoint {path} was written with a different config; mismatching keys: "
-                          + "; ".join(mismatches))
+                          + "; ".join(mismatches) + ". To train this config, give it its own output_dir=...; "
+                          "to continue that run, use its config")
     return saved
 
 
