@@ -495,11 +495,11 @@ class PairBuilder:
 
     # -- garments: one chunk -> candidate pairs ---------------------------------------------------------
 
-    def _score_chunk(self, garments: list[CatalogueItem], views: list[LookbookViews],
+    def _score_chunk(self, garments: list[CatalogueItem], fps: Mapping[str, str], views: list[LookbookViews],
                      view_emb: dict[str, torch.Tensor], view_index: dict[str, dict[str, list[int]]],
                      view_boxes_flat: list[Box]) -> dict[str, Any]:
+        """``fps``: the run's garment fingerprints (an unreadable garment has none and was counted once then)."""
         faults = FaultReport()
-        fps = self._fingerprints(garments, faults)
         garments = [g for g in garments if g.item_id in fps]
         known = {g.item_id: self._known_categories(g, faults) for g in garments}
         garments = [g for g in garments if known[g.item_id] != ()]
@@ -618,13 +618,13 @@ class PairBuilder:
         chunks = [garments[i : i + cfg.garment_chunk] for i in range(0, len(garments), cfg.garment_chunk)]
         results = self.work_dir / "results"
         results.mkdir(parents=True, exist_ok=True)
-        garment_fps = self._fingerprints(garments, FaultReport())  # faults are counted per chunk
+        garment_fps = self._fingerprints(garments, faults)  # once per run: chunk names and scoring share them
         names = [f"chunk-{i:06d}-{text_fingerprint(signature, *(self._garment_key(g, garment_fps) for g in chunk))}"
                  ".json" for i, chunk in enumerate(chunks)]
         bar = self._progress(len(chunks), "garment chunks")
         for i, (chunk, name) in enumerate(zip(chunks, names, strict=True)):
             if i % world == rank and not (results / name).is_file():
-                body = self._score_chunk(chunk, views, view_emb, view_index, view_boxes_flat)
+                body = self._score_chunk(chunk, garment_fps, views, view_emb, view_index, view_boxes_flat)
                 tmp = results / f".{name}.tmp"
                 tmp.write_text(json.dumps(body))
                 os.replace(tmp, results / name)

@@ -146,9 +146,12 @@ def predict(categorizer: Categorizer, images: Sequence[Image.Image], top_k: int 
     would otherwise pick an arbitrary tied one and the item would be paired as if it had been categorised.
     """
     probs = categorizer.scores(images)
-    top = probs.topk(min(top_k, probs.shape[1]), dim=1).indices
-    best2 = probs.topk(min(2, probs.shape[1]), dim=1).values
-    clear = best2[:, 0] - best2[:, -1] > min_margin if probs.shape[1] > 1 else torch.ones(len(probs), dtype=torch.bool)
+    best = probs.topk(min(max(top_k, 2), probs.shape[1]), dim=1)  # the runner-up too, for the margin
+    top = best.indices[:, :top_k]
+    if probs.shape[1] > 1:
+        clear = best.values[:, 0] - best.values[:, 1] > min_margin
+    else:
+        clear = torch.ones(len(probs), dtype=torch.bool)
     return [tuple(categorizer.categories[i] for i in row) if ok else ()
             for row, ok in zip(top.tolist(), clear.tolist(), strict=True)]
 

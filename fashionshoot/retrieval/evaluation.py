@@ -85,10 +85,10 @@ def precision_at_k(scores: torch.Tensor, positives: torch.Tensor, ks: Sequence[i
     if n == 0:
         raise DataError("precision_at_k: no query has a positive in the gallery")
     reached = answerable if found is None else answerable & found.bool()
+    ranked = positives.bool().gather(1, scores.float().topk(min(max(ks), scores.shape[1]), dim=1).indices)
     out = {}
     for k in ks:
-        top = scores.float().topk(min(k, scores.shape[1]), dim=1).indices
-        precision = positives.bool().gather(1, top).float().sum(dim=1).div(k)
+        precision = ranked[:, :k].float().sum(dim=1).div(k)
         out[f"P@{k}"] = float(precision[reached].sum()) / n
     return out
 
